@@ -1,0 +1,197 @@
+"""The public entry points: check the arguments, then discover -> plan -> apply -> verify -> report."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .graph import DataFlowGraph, preserved_buffers, seeded, trace_execution, trace_symbolic
+from .planning import TRAINING_REASON_PREFIX, FoldPlan, make_plan, norm_types, producer_types
+from .report import FoldReport, model_size
+from .rules import FoldRule, RuleTable, build_rules
+from .surgery import apply_plan, clone_model, undo_all
+from .verify import check_outputs
+
+__all__ = ["fold", "plan", "fold_with_report", "FoldResult", "BN_Folder"]
+
+
+def _check_model(model: Any, caller: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        hint = " (a state_dict? build the model and load_state_dict it first)" if isinstance(model, dict) else ""
+        raise TypeError(f"bnfold.{caller}() expects a torch.nn.Module, got {type(model).__name__}{hint}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"bnfold.{caller}() got a TorchScript module ({type(model).__name__}); fold the Python model "
+            "before torch.jit.script / torch.jit.trace"
+        )
+    for name, module in model.named_modules():
+        for tname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if isinstance(t, nn.parameter.UninitializedTensorMixin):
+                where = f"'{name}'" if name else "the model"
+                raise ValueError(
+                    f"{where} ({type(module).__name__}) is not initialised yet ({tname} is an uninitialised lazy "
+                    "parameter); run one forward pass, model(example_input), before folding"
+                )
+    return model
+
+
+def _check_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    hint = "; pass tuple(...) for several positional inputs" if isinstance(example_inputs, list) else ""
+    raise TypeError(
+        "example_inputs must be a Tensor or a tuple of positional arguments for model(*example_inputs), "
+        f"got {type(example_inputs).__name__}{hint}"
+    )
+
+
+def _discover(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> DataFlowGraph:
+    recorded = producer_types(rules) | norm_types(rules)
+    if args is None:
+        return trace_symbolic(model, recorded, producer_types(rules))
+    return trace_execution(model, args, recorded, producer_types(rules))
+
+
+def _warn_training(model: nn.Module, plan: FoldPlan) -> None:
+    if model.training and any(k.reason.startswith(TRAINING_REASON_PREFIX) for k in plan.kept):
+        warnings.warn(
+            f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics, so its norm "
+            "layers cannot be folded; call model.eval() before bnfold.fold()",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _plan(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> tuple[FoldPlan, DataFlowGraph]:
+    graph = _discover(model, args, rules)
+    found = make_plan(model, graph, rules)
+    _warn_training(model, found)
+    return found, graph
+
+
+def plan(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None, *,
+         extra_rules: Iterable[FoldRule] | None = None) -> FoldPlan:
+    """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
+
+    Changes nothing: with ``example_inputs`` the model runs once, without grad, with a fixed seed,
+    and its buffers are restored afterwards.
+
+    >>> import torch
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    >>> p = plan(m, torch.randn(1, 3, 16, 16))
+    >>> len(p.sites), len(p.kept)
+    (1, 0)
+    """
+    model = _check_model(model, "plan")
+    args = _check_inputs(example_inputs)
+    found, _ = _plan(model, args, build_rules(extra_rules))
+    return found
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """The folded model and the report of what happened."""
+
+    model: nn.Module
+    report: FoldReport
+
+
+def fold_with_report(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None, *,
+                     inplace: bool = False, extra_rules: Iterable[FoldRule] | None = None) -> FoldResult:
+    """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
+
+    >>> import torch
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    >>> result = fold_with_report(m, torch.randn(1, 3, 16, 16))
+    >>> result.report.folded, result.report.kept
+    (1, 0)
+    """
+    model = _check_model(model, "fold")
+    args = _check_inputs(example_inputs)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    rules = build_rules(extra_rules)
+    found, graph = _plan(model, args, rules)
+    params_before, bytes_before = model_size(model)
+    target = model if inplace else clone_model(model)
+    undo = apply_plan(target, found, rules)
+    abs_error = rel_error = None
+    worst = None
+    if args is not None:
+        try:
+            with torch.no_grad(), preserved_buffers(target), seeded(target):
+                actual = target(*args)
+            diffs = check_outputs(graph.reference_outputs, actual)
+        except BaseException:
+            undo_all(undo)
+            raise
+        if diffs:
+            top = max(diffs, key=lambda d: d.max_abs_error)
+            abs_error, worst = top.max_abs_error, top.path
+            rel_error = max(d.relative_error for d in diffs)
+        else:
+            abs_error, rel_error = 0.0, 0.0
+    params_after, bytes_after = model_size(target)
+    report = FoldReport(found, params_before, params_after, bytes_before, bytes_after, abs_error, rel_error, worst)
+    return FoldResult(target, report)
+
+
+def fold(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None, *,
+         inplace: bool = False, extra_rules: Iterable[FoldRule] | None = None) -> nn.Module:
+    """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
+
+    With ``example_inputs`` (a Tensor, or a tuple of positional arguments) bnfold runs the model once to
+    see what really feeds what, and checks that the folded model gives the same outputs
+    (``VerificationError`` otherwise, with the original untouched). Without them it uses ``torch.fx``.
+
+    ``inplace=False`` (default) returns a folded copy and leaves ``model`` bit-identical;
+    ``inplace=True`` folds ``model`` itself and returns it.
+
+    >>> import torch
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    >>> folded = fold(m, torch.randn(1, 3, 16, 16))
+    >>> type(folded[1]).__name__
+    'Identity'
+    """
+    return fold_with_report(model, example_inputs, inplace=inplace, extra_rules=extra_rules).model
+
+
+class BN_Folder:  # noqa: N801 - the name fasterai code already uses
+    """Drop-in replacement for fasterai's ``BN_Folder``: ``BN_Folder().fold(model)`` returns a folded copy.
+
+    Unlike the original it pairs layers by data flow (not registration order), folds every supported
+    norm type, and never folds a norm when that would change the outputs. Pass ``example_inputs`` to fold
+    models that ``torch.fx`` cannot trace; without them such a model is returned unfolded, with a warning.
+
+    >>> import torch
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    >>> type(BN_Folder().fold(m)[1]).__name__
+    'Identity'
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def fold(self, model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None) -> nn.Module:
+        from .errors import TraceError
+
+        try:
+            return fold(model, example_inputs)
+        except TraceError as error:
+            if example_inputs is not None:
+                raise
+            warnings.warn(
+                f"BN_Folder could not trace {type(model).__name__}, so nothing was folded: {error}",
+                UserWarning,
+                stacklevel=2,
+            )
+            return clone_model(model)

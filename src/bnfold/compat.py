@@ -1,0 +1,50 @@
+"""Optional third-party layer types (torchvision, timm), imported only when installed.
+
+bnfold depends on torch alone; these functions return the extra norm classes it
+knows how to fold when their library is present, and nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+from torch import nn
+
+__all__ = ["frozen_batchnorm_types", "norm_act_types", "frozen_norm_act_types", "sync_norm_act_types"]
+
+
+def _optional(module: str, name: str) -> type[nn.Module] | None:
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _present(*candidates: type[nn.Module] | None) -> tuple[type[nn.Module], ...]:
+    return tuple(c for c in candidates if c is not None)
+
+
+@lru_cache(maxsize=None)
+def frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
+    """Norms with fixed statistics stored as buffers: torchvision's ``FrozenBatchNorm2d``."""
+    return _present(_optional("torchvision.ops.misc", "FrozenBatchNorm2d"))
+
+
+@lru_cache(maxsize=None)
+def norm_act_types() -> tuple[type[nn.Module], ...]:
+    """BatchNorm2d subclasses that also apply dropout and an activation: timm's ``BatchNormAct2d``."""
+    return _present(_optional("timm.layers.norm_act", "BatchNormAct2d"))
+
+
+@lru_cache(maxsize=None)
+def sync_norm_act_types() -> tuple[type[nn.Module], ...]:
+    """SyncBatchNorm subclasses that also apply dropout and an activation: timm's ``SyncBatchNormAct``."""
+    return _present(_optional("timm.layers.norm_act", "SyncBatchNormAct"))
+
+
+@lru_cache(maxsize=None)
+def frozen_norm_act_types() -> tuple[type[nn.Module], ...]:
+    """Frozen batch norms that also apply dropout and an activation: timm's ``FrozenBatchNormAct2d``."""
+    return _present(_optional("timm.layers.norm_act", "FrozenBatchNormAct2d"))

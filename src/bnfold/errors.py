@@ -1,0 +1,39 @@
+"""The errors bnfold raises: one base class, one subclass per pipeline stage.
+
+Bad arguments from the caller raise the built-in ``TypeError`` / ``ValueError``
+instead; everything that goes wrong while discovering, folding or checking a
+model is a :class:`BnfoldError`, so ``except bnfold.BnfoldError`` catches all of
+bnfold's own failures and nothing else.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BnfoldError", "TraceError", "FoldError", "VerificationError"]
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises about a model."""
+
+
+class TraceError(BnfoldError):
+    """The data flow of the model could not be discovered (tracing or running it failed)."""
+
+
+class FoldError(BnfoldError):
+    """A planned fold could not be applied to the model."""
+
+
+class VerificationError(BnfoldError):
+    """The folded model's outputs differ from the original's beyond the tolerance.
+
+    Attributes:
+        output: path of the worst output in the model's output structure, e.g. ``"[0]['logits']"``.
+        error: its maximum absolute difference.
+        tolerance: the tolerance it was compared against.
+    """
+
+    def __init__(self, message: str, *, output: str, error: float, tolerance: float) -> None:
+        super().__init__(message)
+        self.output = output
+        self.error = error
+        self.tolerance = tolerance

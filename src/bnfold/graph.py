@@ -1,0 +1,348 @@
+"""Discover who feeds whom: the data-flow graph of one forward pass.
+
+Registration order (``_modules``) says nothing about data flow; only running or
+tracing the model does. Two tracers build the same :class:`DataFlowGraph`:
+
+- :func:`trace_execution` runs the model once on example inputs, with hooks on
+  the modules and a ``TorchFunctionMode`` that sees every tensor op outside the
+  recorded modules (functional calls, ``x + y``, indexing, in-place ops). Tensors
+  are keyed by identity *and* version, because an in-place op changes a tensor
+  without making a new one. It follows Python control flow as taken.
+- :func:`trace_symbolic` uses ``torch.fx`` when there are no example inputs.
+
+The graph answers: which call produced each value, which calls consume it, how
+many times each module ran, and whether a layer's parameters are used anywhere
+but in its own call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import TraceError
+
+__all__ = ["Call", "DataFlowGraph", "trace_execution", "trace_symbolic", "iter_tensors", "seeded", "preserved_buffers"]
+
+ValueKey = Hashable
+
+
+@dataclass
+class Call:
+    """One step of the forward pass: a module call, a tensor op, the model's inputs, or its outputs."""
+
+    index: int
+    kind: str  # "input" | "module" | "function" | "output"
+    target: str  # qualified module name, or the op's name
+    module: nn.Module | None
+    inputs: list[ValueKey] = field(default_factory=list)
+    outputs: list[ValueKey] = field(default_factory=list)
+    input_ndims: list[int | None] = field(default_factory=list)
+    output_ndims: list[int | None] = field(default_factory=list)
+
+
+@dataclass
+class DataFlowGraph:
+    """The calls of one forward pass and the values that flow between them."""
+
+    calls: list[Call] = field(default_factory=list)
+    producer: dict[ValueKey, int] = field(default_factory=dict)
+    consumers: dict[ValueKey, list[int]] = field(default_factory=lambda: defaultdict(list))
+    module_calls: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    foreign_uses: dict[int, str] = field(default_factory=dict)
+    traced_with: str = "example_inputs"
+    reference_outputs: Any = None
+
+    @property
+    def has_shapes(self) -> bool:
+        return self.traced_with == "example_inputs"
+
+    def add(
+        self,
+        kind: str,
+        target: str,
+        module: nn.Module | None,
+        inputs: list[ValueKey],
+        outputs: list[ValueKey],
+        input_ndims: list[int | None] | None = None,
+        output_ndims: list[int | None] | None = None,
+    ) -> Call:
+        call = Call(
+            len(self.calls), kind, target, module, inputs, outputs,
+            input_ndims or [None] * len(inputs), output_ndims or [None] * len(outputs),
+        )
+        self.calls.append(call)
+        # A call that hands back one of its inputs unchanged (same tensor, same version: nn.Identity,
+        # dropout in eval mode, x.contiguous() on a contiguous x) is the identity on that value: it is
+        # neither a consumer nor a new producer of it, so later readers attach to the original value.
+        passthrough = set(inputs) & set(outputs)
+        for key in inputs:
+            if key not in passthrough:
+                self.consumers[key].append(call.index)
+        for key in outputs:
+            if key not in passthrough:
+                self.producer[key] = call.index
+        if module is not None and kind == "module":
+            self.module_calls[id(module)].append(call.index)
+        return call
+
+    def count_call(self, module: nn.Module) -> None:
+        """A module that ran without being recorded (inside another recorded module) still counts."""
+        self.module_calls[id(module)].append(-1)
+
+    def calls_of(self, module: nn.Module) -> list[int]:
+        return self.module_calls.get(id(module), [])
+
+
+def iter_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested tuples, lists and dicts, in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from iter_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from iter_tensors(item)
+
+
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Run with a fixed RNG seed and leave the caller's RNG state as it was."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Undo what a forward pass does to buffers (a norm in training mode updates its running statistics)."""
+    saved = [(buf, buf.detach().clone()) for buf in model.buffers() if not _is_uninitialized(buf)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                if buf.shape == value.shape:
+                    buf.copy_(value)
+
+
+def _is_uninitialized(t: Tensor) -> bool:
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def _op_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if name.endswith(".__get__"):
+        name = name[: -len(".__get__")]
+    return name.replace("TensorBase.", "Tensor.")
+
+
+# Ops that read only a tensor's metadata, never its values: a shape or a dtype does not change when a
+# norm folds, so these are not consumers.
+_METADATA_OPS = {
+    "Tensor.shape", "Tensor.size", "Tensor.dim", "Tensor.ndim", "Tensor.ndimension", "Tensor.dtype",
+    "Tensor.device", "Tensor.layout", "Tensor.numel", "Tensor.nelement", "Tensor.__len__",
+    "Tensor.is_contiguous", "Tensor.is_floating_point", "Tensor.is_complex", "Tensor.requires_grad",
+    "Tensor.is_cuda", "Tensor.is_cpu", "Tensor.is_leaf", "Tensor.grad_fn", "Tensor.stride",
+    "Tensor.element_size", "Tensor.get_device", "Tensor._version", "Tensor.data_ptr", "Tensor.is_sparse",
+    "Tensor.is_quantized", "Tensor.is_meta", "Tensor.names", "Tensor.__hash__", "Tensor.storage_offset",
+    "Tensor.is_mps", "Tensor.is_xpu", "Tensor.is_nested", "Tensor.is_inference", "numel",
+    "is_floating_point", "is_complex", "Tensor.__format__",
+}
+
+
+class _ExecutionTracer(TorchFunctionMode):
+    """Records module calls (through hooks) and tensor ops (through the function mode) into a graph."""
+
+    def __init__(self, model: nn.Module, recorded_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]) -> None:
+        super().__init__()
+        self.graph = DataFlowGraph(traced_with="example_inputs")
+        self.names: dict[int, str] = {}
+        for name, module in model.named_modules():
+            self.names.setdefault(id(module), name or "<root>")
+        self.recorded_types = recorded_types
+        self.depth = 0  # > 0 while inside a recorded module: its internals are its own business
+        self.quiet = 0  # > 0 while bnfold's own bookkeeping runs
+        self.stack: list[tuple[nn.Module, bool, list[ValueKey], list[int | None]]] = []
+        self.serials: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
+        self.counter = itertools.count(1)
+        self.completed = 0
+        self.last_completed = ""
+        # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
+        self.owned: dict[int, nn.Module] = {}
+        for module in model.modules():
+            if type(module) in watched_types:
+                for t in list(module.parameters()) + list(module.buffers()):
+                    self.owned[id(t)] = module
+
+    # -- value keys -------------------------------------------------------------------------------
+    def key(self, t: Tensor) -> ValueKey:
+        entry = self.serials.get(id(t))
+        if entry is None or entry[0]() is not t:
+            entry = (weakref.ref(t), next(self.counter))
+            self.serials[id(t)] = entry
+        return (entry[1], t._version)
+
+    def keys(self, obj: Any) -> tuple[list[ValueKey], list[int | None]]:
+        tensors = list(iter_tensors(obj))
+        return [self.key(t) for t in tensors], [t.dim() for t in tensors]
+
+    # -- module hooks -----------------------------------------------------------------------------
+    def is_recorded(self, module: nn.Module) -> bool:
+        return type(module) in self.recorded_types or next(iter(module.children()), None) is None
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.quiet += 1
+        try:
+            record = self.depth == 0 and self.is_recorded(module)
+            keys, ndims = self.keys((args, kwargs)) if record else ([], [])
+            self.stack.append((module, record, keys, ndims))
+            if record:
+                self.depth += 1
+            elif self.depth > 0:
+                self.graph.count_call(module)
+        finally:
+            self.quiet -= 1
+
+    def post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self.quiet += 1
+        try:
+            _, record, keys, ndims = self.stack.pop()
+            if record:
+                self.depth -= 1
+                out_keys, out_ndims = self.keys(output)
+                self.graph.add("module", self.names.get(id(module), "?"), module, keys, out_keys, ndims, out_ndims)
+            self.completed += 1
+            self.last_completed = self.names.get(id(module), "?")
+        finally:
+            self.quiet -= 1
+
+    # -- tensor ops ---------------------------------------------------------------------------------
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.depth > 0 or self.quiet > 0:
+            return func(*args, **kwargs)
+        name = _op_name(func)
+        if name in _METADATA_OPS:
+            return func(*args, **kwargs)
+        tensors = list(iter_tensors((args, kwargs)))
+        keys = [self.key(t) for t in tensors]
+        ndims: list[int | None] = [t.dim() for t in tensors]
+        for t in tensors:
+            owner = self.owned.get(id(t))
+            if owner is not None:
+                self.graph.foreign_uses.setdefault(id(owner), name)
+        out = func(*args, **kwargs)
+        out_keys, out_ndims = self.keys(out)
+        self.graph.add("function", name, None, keys, out_keys, ndims, out_ndims)
+        return out
+
+    def where(self) -> str:
+        if self.stack:
+            module = self.stack[-1][0]
+            return f"inside '{self.names.get(id(module), '?')}' ({type(module).__name__})"
+        return "in the model's own forward code"
+
+
+def trace_execution(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    recorded_types: set[type[nn.Module]],
+    watched_types: set[type[nn.Module]],
+) -> DataFlowGraph:
+    """Run ``model(*args)`` once (no grad, fixed seed, buffers restored) and record its data flow.
+
+    ``recorded_types`` are recorded as single calls (their internals are not looked at);
+    ``watched_types`` are layers whose parameters must not be used outside their own call.
+    """
+    tracer = _ExecutionTracer(model, recorded_types, watched_types)
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(tracer.pre_hook, prepend=True, with_kwargs=True))
+        handles.append(module.register_forward_hook(tracer.post_hook, with_kwargs=True))
+    try:
+        with torch.no_grad(), preserved_buffers(model), seeded(model):
+            in_keys, in_ndims = tracer.keys(args)
+            tracer.graph.add("input", "<inputs>", None, [], in_keys, None, in_ndims)
+            try:
+                with tracer:
+                    output = model(*args)
+            except Exception as error:  # the user's model failed: say where, keep the cause
+                raise TraceError(
+                    f"running {type(model).__name__} on example_inputs failed {tracer.where()} after "
+                    f"{tracer.completed} completed module calls (last completed: '{tracer.last_completed or '-'}'): "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            out_keys, out_ndims = tracer.keys(output)
+            tracer.graph.add("output", "<outputs>", None, out_keys, [], out_ndims, None)
+            tracer.graph.reference_outputs = _detached_copy(output)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tracer.graph
+
+
+def _detached_copy(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_detached_copy(o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached_copy(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached_copy(v) for k, v in obj.items()}
+    return obj
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_types: set[type[nn.Module]]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_symbolic(model: nn.Module, leaf_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]) -> DataFlowGraph:
+    """Build the graph with ``torch.fx`` symbolic tracing (no inputs needed, no shapes known)."""
+    try:
+        fx_graph = _LeafTracer(leaf_types).trace(model)
+    except Exception as error:  # fx cannot follow this model: explain how to proceed
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TraceError(
+            f"could not trace {type(model).__name__} without example inputs "
+            f"(torch.fx: {type(error).__name__}: {reason}); pass example_inputs, e.g. "
+            f"bnfold.fold(model, torch.randn(1, 3, 224, 224)), so bnfold can run the model once instead"
+        ) from error
+    graph = DataFlowGraph(traced_with="torch.fx")
+    watched = {id(m): m for m in model.modules() if type(m) in watched_types}
+    for node in fx_graph.nodes:
+        inputs = [n.name for n in node.all_input_nodes]
+        if node.op == "placeholder":
+            graph.add("input", node.name, None, [], [node.name])
+        elif node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            graph.add("module", str(node.target), module, inputs, [node.name])
+        elif node.op == "output":
+            graph.add("output", "<outputs>", None, inputs, [])
+        else:
+            if node.op == "get_attr":
+                owner_name, _, _ = str(node.target).rpartition(".")
+                with contextlib.suppress(AttributeError):
+                    owner = model.get_submodule(owner_name)
+                    if id(owner) in watched:
+                        graph.foreign_uses.setdefault(id(owner), f"get_attr {node.target}")
+            graph.add("function", _op_name(node.target) if callable(node.target) else str(node.target), None, inputs, [node.name])
+    return graph

@@ -1,0 +1,245 @@
+"""The rule table: which (producer, norm) pairs fold, and how.
+
+A plain dict keyed by exact type pairs, ``(producer type, norm type) -> FoldRule``,
+in the manner of PyTorch's fuser method mappings. A subclass never matches
+implicitly: timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` that also applies an
+activation, so it has rules of its own. Users teach bnfold new pairs by passing
+``extra_rules=[FoldRule(...)]`` to a call; nothing global is mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from . import compat
+from .arithmetic import Layout, affine_from_stats
+
+__all__ = [
+    "FoldRule",
+    "FoldedNormAct",
+    "RuleTable",
+    "builtin_rules",
+    "build_rules",
+    "norm_affine",
+    "running_stats_reason",
+    "no_reason",
+    "identity_replacement",
+    "norm_act_replacement",
+    "is_norm_layer",
+    "unfoldable_reason",
+]
+
+
+def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """The float64 ``(scale, shift)`` of a norm that stores ``running_mean``, ``running_var``,
+    ``weight``, ``bias`` (``None`` when not affine) and ``eps``, as BatchNorm and its relatives do."""
+    return affine_from_stats(
+        norm.running_mean,
+        norm.running_var,
+        getattr(norm, "weight", None),
+        getattr(norm, "bias", None),
+        float(norm.eps),
+    )
+
+
+def running_stats_reason(norm: nn.Module) -> str | None:
+    """Why a BatchNorm-like layer does not use fixed statistics right now, or ``None`` if it does."""
+    if norm.training:
+        return "in training mode it normalizes with batch statistics (call model.eval() to fold it)"
+    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
+        return "track_running_stats=False: it always normalizes with batch statistics"
+    return None
+
+
+def no_reason(norm: nn.Module) -> str | None:
+    """For norms whose statistics are always fixed (frozen batch norms)."""
+    return None
+
+
+def identity_replacement(norm: nn.Module) -> nn.Module:
+    """A folded plain norm leaves nothing behind."""
+    return nn.Identity()
+
+
+class FoldedNormAct(nn.Module):
+    """What remains of a norm+activation layer once its affine part is folded: its dropout, then its
+    activation. The children keep their names (``drop``, ``act``), so their state_dict keys do not move.
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x))
+
+
+def norm_act_replacement(norm: nn.Module) -> nn.Module:
+    """timm's ``BatchNormAct2d`` family applies ``drop`` then ``act`` after normalizing: keep them."""
+    drop = getattr(norm, "drop", None)
+    act = getattr(norm, "act", None)
+    return FoldedNormAct(
+        drop if isinstance(drop, nn.Module) else nn.Identity(),
+        act if isinstance(act, nn.Module) else nn.Identity(),
+    )
+
+
+def batch_channel_axis(norm: nn.Module, input_ndim: int) -> int:
+    """BatchNorm normalizes axis 1 of its (N, C, ...) input."""
+    return 1
+
+
+def instance_channel_axis(norm: nn.Module, input_ndim: int) -> int:
+    """InstanceNorm also accepts unbatched (C, ...) input, where the channels are axis 0."""
+    expected = getattr(norm, "_get_no_batch_dim", lambda: input_ndim - 1)() + 1
+    return 1 if input_ndim == expected else 0
+
+
+_LAYOUTS: tuple[tuple[type[nn.Module], Layout], ...] = (
+    (nn.ConvTranspose1d, "conv_transpose"),
+    (nn.ConvTranspose2d, "conv_transpose"),
+    (nn.ConvTranspose3d, "conv_transpose"),
+    (nn.Conv1d, "conv"),
+    (nn.Conv2d, "conv"),
+    (nn.Conv3d, "conv"),
+    (nn.Linear, "linear"),
+)
+
+
+def _layout_of(producer: type[nn.Module]) -> Layout | None:
+    for base, layout in _LAYOUTS:
+        if issubclass(producer, base):
+            return layout
+    return None
+
+
+@dataclass(frozen=True)
+class FoldRule:
+    """How a norm of type ``norm`` folds into the layer of type ``producer`` that feeds it.
+
+    Types match exactly (a subclass needs its own rule). The producer must store ``weight`` (and
+    ``bias``, possibly ``None``) in the layout of a Conv, ConvTranspose or Linear layer; when the
+    producer subclasses one of those, ``layout`` is inferred.
+
+    Args:
+        producer: the layer type whose output feeds the norm.
+        norm: the norm type.
+        affine: ``norm -> (scale, shift)``, the per-channel affine map the norm applies (float64).
+        check: ``norm -> reason | None``; a reason in words when this norm cannot fold right now.
+        replacement: ``norm -> module`` that takes the norm's place once folded (``nn.Identity``).
+        channel_axis: ``(norm, input_ndim) -> axis`` the norm normalizes over.
+        layout: ``"conv"``, ``"conv_transpose"`` or ``"linear"``; inferred from the producer's base.
+
+    >>> class MyBN(nn.BatchNorm2d): ...
+    >>> rule = FoldRule(nn.Conv2d, MyBN)
+    >>> rule.weight_layout
+    'conv'
+    """
+
+    producer: type[nn.Module]
+    norm: type[nn.Module]
+    affine: Callable[[nn.Module], tuple[Tensor, Tensor]] = field(default=norm_affine, compare=False)
+    check: Callable[[nn.Module], str | None] = field(default=running_stats_reason, compare=False)
+    replacement: Callable[[nn.Module], nn.Module] = field(default=identity_replacement, compare=False)
+    channel_axis: Callable[[nn.Module, int], int] = field(default=batch_channel_axis, compare=False)
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        for label, value in (("producer", self.producer), ("norm", self.norm)):
+            if not (isinstance(value, type) and issubclass(value, nn.Module)):
+                raise TypeError(f"FoldRule.{label} must be an nn.Module subclass, got {value!r}")
+        if self.layout is None and _layout_of(self.producer) is None:
+            raise ValueError(
+                f"FoldRule cannot infer how {self.producer.__name__} stores its weight; "
+                "pass layout='conv', 'conv_transpose' or 'linear'"
+            )
+        if self.layout not in (None, "conv", "conv_transpose", "linear"):
+            raise ValueError(f"FoldRule.layout must be 'conv', 'conv_transpose' or 'linear', got {self.layout!r}")
+
+    @property
+    def weight_layout(self) -> Layout:
+        layout = self.layout or _layout_of(self.producer)
+        assert layout is not None  # checked in __post_init__
+        return layout
+
+    @property
+    def key(self) -> tuple[type[nn.Module], type[nn.Module]]:
+        return (self.producer, self.norm)
+
+
+RuleTable = Mapping[tuple[type[nn.Module], type[nn.Module]], FoldRule]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_BATCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def builtin_rules() -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
+    """The rules bnfold knows: Conv/ConvTranspose (1d/2d/3d) and Linear followed by a BatchNorm
+    relative whose statistics are fixed in inference mode."""
+    rules: list[FoldRule] = []
+    for dims in (1, 2, 3):
+        producers = (_CONV[dims], _CONV_T[dims])
+        for producer in producers:
+            rules.append(FoldRule(producer, _BATCH[dims]))
+            rules.append(FoldRule(producer, _INSTANCE[dims], channel_axis=instance_channel_axis))
+            rules.append(FoldRule(producer, nn.SyncBatchNorm))
+        if dims == 2:
+            for producer in producers:
+                for frozen in compat.frozen_batchnorm_types():
+                    rules.append(FoldRule(producer, frozen, check=no_reason))
+                for norm_act in compat.norm_act_types() + compat.sync_norm_act_types():
+                    rules.append(FoldRule(producer, norm_act, replacement=norm_act_replacement))
+                for frozen_act in compat.frozen_norm_act_types():
+                    rules.append(FoldRule(producer, frozen_act, check=no_reason, replacement=norm_act_replacement))
+    rules.append(FoldRule(nn.Linear, nn.BatchNorm1d))
+    rules.append(FoldRule(nn.Linear, nn.SyncBatchNorm))
+    return {rule.key: rule for rule in rules}
+
+
+def build_rules(extra_rules: Iterable[FoldRule] | None = None) -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
+    """The built-in table plus ``extra_rules`` (which win over built-in rules for the same pair)."""
+    table = builtin_rules()
+    if extra_rules is None:
+        return table
+    if isinstance(extra_rules, FoldRule):
+        extra_rules = [extra_rules]
+    for rule in extra_rules:
+        if not isinstance(rule, FoldRule):
+            raise TypeError(f"extra_rules must hold bnfold.FoldRule objects, got {type(rule).__name__}")
+        table[rule.key] = rule
+    return table
+
+
+_STATISTICS_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
+def is_norm_layer(module: nn.Module, rules: RuleTable) -> bool:
+    """Whether ``module`` is a normalization layer that the plan should list."""
+    kind = type(module)
+    if any(kind is norm for _, norm in rules):
+        return True
+    return isinstance(module, (_NormBase, *_STATISTICS_NORMS, *compat.frozen_batchnorm_types()))
+
+
+def unfoldable_reason(module: nn.Module, rules: RuleTable) -> str | None:
+    """Why a norm layer can never fold whatever feeds it, or ``None`` if some rule may apply."""
+    kind = type(module)
+    if any(kind is norm for _, norm in rules):
+        return None
+    if isinstance(module, _STATISTICS_NORMS) or (
+        isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
+    ):
+        return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
+    return (
+        f"no fold rule for {kind.__name__} (subclasses are never matched implicitly); "
+        "teach bnfold with extra_rules=[bnfold.FoldRule(producer_type, norm_type)]"
+    )

@@ -1,0 +1,112 @@
+"""Check that a folded model computes what the original did.
+
+Every tensor in the outputs (nested tuples, lists, dicts) is compared. The
+tolerance depends on the dtype and is relative to the output's own scale:
+folding changes rounding, never values, so a real difference is a bug.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import VerificationError
+
+__all__ = ["OutputDiff", "relative_tolerance", "compare_outputs", "check_outputs", "flatten_outputs"]
+
+_RTOL = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 6e-2,
+}
+
+
+def relative_tolerance(dtype: torch.dtype) -> float:
+    """The largest difference allowed between outputs of this dtype, relative to their scale.
+
+    >>> relative_tolerance(torch.float32)
+    0.0001
+    """
+    return _RTOL.get(dtype, 1e-4 if dtype.is_floating_point else 0.0)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How one output tensor of the folded model differs from the original's."""
+
+    path: str
+    max_abs_error: float
+    scale: float
+    tolerance: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs_error / self.scale if self.scale > 0 else (0.0 if self.max_abs_error == 0 else math.inf)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error <= self.tolerance
+
+
+def flatten_outputs(obj: Any, path: str = "output") -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every leaf of nested tuples, lists and dicts."""
+    if isinstance(obj, (tuple, list)):
+        return [leaf for i, item in enumerate(obj) for leaf in flatten_outputs(item, f"{path}[{i}]")]
+    if isinstance(obj, dict):
+        return [leaf for k, item in obj.items() for leaf in flatten_outputs(item, f"{path}[{k!r}]")]
+    return [(path, obj)]
+
+
+def _diff(path: str, expected: Tensor, actual: Tensor) -> OutputDiff:
+    if expected.shape != actual.shape or expected.dtype != actual.dtype:
+        return OutputDiff(path, math.inf, 0.0, 0.0)
+    if not expected.is_floating_point() and not expected.is_complex():
+        equal = torch.equal(expected, actual)
+        return OutputDiff(path, 0.0 if equal else math.inf, 1.0, 0.0)
+    e = expected.detach().to(torch.float64)
+    a = actual.detach().to(torch.float64)
+    both_nan = torch.isnan(e) & torch.isnan(a)
+    diff = torch.where(both_nan, torch.zeros_like(e), (e - a).abs())
+    diff = torch.nan_to_num(diff, nan=math.inf)
+    finite = e[torch.isfinite(e)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    rtol = relative_tolerance(expected.dtype)
+    error = float(diff.max()) if diff.numel() else 0.0
+    return OutputDiff(path, error, scale, rtol * scale + rtol * 1e-3)
+
+
+def compare_outputs(expected: Any, actual: Any) -> list[OutputDiff]:
+    """One :class:`OutputDiff` per tensor in the outputs; a structural mismatch is an infinite error."""
+    left = flatten_outputs(expected)
+    right = flatten_outputs(actual)
+    if [p for p, _ in left] != [p for p, _ in right]:
+        return [OutputDiff("output structure", math.inf, 0.0, 0.0)]
+    diffs = []
+    for (path, e), (_, a) in zip(left, right):
+        if isinstance(e, Tensor) and isinstance(a, Tensor):
+            diffs.append(_diff(path, e, a))
+        elif isinstance(e, Tensor) or isinstance(a, Tensor):
+            diffs.append(OutputDiff(path, math.inf, 0.0, 0.0))
+    return diffs
+
+
+def check_outputs(expected: Any, actual: Any) -> list[OutputDiff]:
+    """Raise :class:`VerificationError` naming the worst output if any differs beyond its tolerance."""
+    diffs = compare_outputs(expected, actual)
+    failed = [d for d in diffs if not d.ok]
+    if failed:
+        worst = max(failed, key=lambda d: d.max_abs_error / max(d.tolerance, 1e-300))
+        raise VerificationError(
+            f"the folded model's {worst.path} differs from the original's by {worst.max_abs_error:.3g} "
+            f"(tolerance {worst.tolerance:.3g}, output scale {worst.scale:.3g}); nothing was folded. "
+            "This is a bug in bnfold or in a custom FoldRule: please report it with the model",
+            output=worst.path,
+            error=worst.max_abs_error,
+            tolerance=worst.tolerance,
+        )
+    return diffs

@@ -1,0 +1,41 @@
+"""Shared helpers for the tests: randomized norm statistics and output comparison."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm layer random statistics and affine parameters, so folding is not trivially exact:
+    running_mean ~ N(0, 0.1), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            stats = isinstance(m, _NormBase) or type(m).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+            if not stats:
+                continue
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    return float((a64 - b64).abs().max() / a64.abs().max().clamp_min(1e-12))
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict(keep_vars=True)
+    assert list(now) == list(snapshot)
+    for k, v in snapshot.items():
+        assert torch.equal(now[k].detach(), v), k
