@@ -39,3 +39,43 @@ def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
     assert list(now) == list(snapshot)
     for k, v in snapshot.items():
         assert torch.equal(now[k].detach(), v), k
+
+
+def check_fold(model: nn.Module, example_inputs, *, folded: int, kept: int, randomize: bool = True, **kwargs):
+    """Fold ``model`` on ``example_inputs``; assert the counts, that outputs match independently of bnfold's
+    own check, and that the original model was not touched. Returns the FoldResult."""
+    import bnfold
+
+    if randomize:
+        randomize_norms(model)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    before = state_snapshot(model)
+    with torch.no_grad():
+        expected = model(*args)
+    result = bnfold.fold_with_report(model, example_inputs, **kwargs)
+    plan = result.report.plan
+    assert (len(plan.sites), len(plan.kept)) == (folded, kept), str(plan)
+    if not kwargs.get("inplace"):
+        assert_same_state(model, before)
+    with torch.no_grad():
+        actual = result.model(*args)
+    flat_e, flat_a = list(_leaves(expected)), list(_leaves(actual))
+    assert len(flat_e) == len(flat_a)
+    for e, a in zip(flat_e, flat_a):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            assert max_rel_diff(e, a) < 1e-5, max_rel_diff(e, a)
+        elif isinstance(e, torch.Tensor):
+            assert torch.equal(e, a)
+        else:
+            assert e == a
+    return result
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _leaves(item)
+    else:
+        yield obj

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
+from .rules import layer_type
 
 __all__ = ["Call", "DataFlowGraph", "trace_execution", "trace_symbolic", "iter_tensors", "seeded", "preserved_buffers"]
 
@@ -183,7 +184,7 @@ class _ExecutionTracer(TorchFunctionMode):
         # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
         self.owned: dict[int, nn.Module] = {}
         for module in model.modules():
-            if type(module) in watched_types:
+            if layer_type(module) in watched_types:
                 for t in list(module.parameters()) + list(module.buffers()):
                     self.owned[id(t)] = module
 
@@ -201,7 +202,7 @@ class _ExecutionTracer(TorchFunctionMode):
 
     # -- module hooks -----------------------------------------------------------------------------
     def is_recorded(self, module: nn.Module) -> bool:
-        return type(module) in self.recorded_types or next(iter(module.children()), None) is None
+        return layer_type(module) in self.recorded_types or next(iter(module.children()), None) is None
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.quiet += 1
@@ -312,7 +313,7 @@ class _LeafTracer(torch.fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
+        return layer_type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_symbolic(model: nn.Module, leaf_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]) -> DataFlowGraph:
@@ -327,7 +328,7 @@ def trace_symbolic(model: nn.Module, leaf_types: set[type[nn.Module]], watched_t
             f"bnfold.fold(model, torch.randn(1, 3, 224, 224)), so bnfold can run the model once instead"
         ) from error
     graph = DataFlowGraph(traced_with="torch.fx")
-    watched = {id(m): m for m in model.modules() if type(m) in watched_types}
+    watched = {id(m): m for m in model.modules() if layer_type(m) in watched_types}
     for node in fx_graph.nodes:
         inputs = [n.name for n in node.all_input_nodes]
         if node.op == "placeholder":

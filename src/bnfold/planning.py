@@ -14,7 +14,7 @@ from torch.nn.utils import prune
 from torch.nn.utils import parametrize
 
 from .graph import Call, DataFlowGraph
-from .rules import FoldRule, RuleTable, is_norm_layer, unfoldable_reason
+from .rules import FoldRule, RuleTable, is_norm_layer, layer_type, unfoldable_reason
 
 __all__ = ["FoldSite", "KeptNorm", "FoldPlan", "make_plan", "producer_types", "norm_types"]
 
@@ -159,8 +159,8 @@ def _backward_reason(
         return f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target, None
     producer = source.module
     pname = model_names.get(id(producer), source.target)
-    ptype = type(producer).__name__
-    rule = rules.get((type(producer), type(norm)))
+    ptype = layer_type(producer).__name__
+    rule = rules.get((layer_type(producer), layer_type(norm)))
     if rule is None:
         return f"it is fed by '{pname}' ({ptype}), and there is no fold rule for {ptype} -> {type(norm).__name__}", pname, None
     reason = rule.check(norm)
@@ -234,7 +234,7 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
         if not is_norm_layer(norm, rules):
             continue
         order.append(name)
-        ntype = type(norm).__name__
+        ntype = layer_type(norm).__name__
         reason = unfoldable_reason(norm, rules)
         partner: str | None = None
         rule = None

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 
 from . import compat
 from .arithmetic import Layout, affine_from_stats
 
 __all__ = [
     "FoldRule",
+    "layer_type",
     "FoldedNormAct",
     "RuleTable",
     "builtin_rules",
@@ -32,6 +34,15 @@ __all__ = [
     "is_norm_layer",
     "unfoldable_reason",
 ]
+
+
+def layer_type(module: nn.Module) -> type[nn.Module]:
+    """The class a rule matches: for a module behind ``torch.nn.utils.parametrize`` (whose class becomes a
+    generated ``Parametrized<Name>`` subclass), the class it had before."""
+    kind = type(module)
+    if parametrize.is_parametrized(module) and kind.__name__ == "Parametrized" + kind.__bases__[0].__name__:
+        return kind.__bases__[0]
+    return kind
 
 
 def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
@@ -224,7 +235,7 @@ _STATISTICS_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn
 
 def is_norm_layer(module: nn.Module, rules: RuleTable) -> bool:
     """Whether ``module`` is a normalization layer that the plan should list."""
-    kind = type(module)
+    kind = layer_type(module)
     if any(kind is norm for _, norm in rules):
         return True
     return isinstance(module, (_NormBase, *_STATISTICS_NORMS, *compat.frozen_batchnorm_types()))
@@ -232,13 +243,13 @@ def is_norm_layer(module: nn.Module, rules: RuleTable) -> bool:
 
 def unfoldable_reason(module: nn.Module, rules: RuleTable) -> str | None:
     """Why a norm layer can never fold whatever feeds it, or ``None`` if some rule may apply."""
-    kind = type(module)
-    if any(kind is norm for _, norm in rules):
-        return None
+    kind = layer_type(module)
     if isinstance(module, _STATISTICS_NORMS) or (
         isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
     ):
         return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
+    if any(kind is norm for _, norm in rules):
+        return None
     return (
         f"no fold rule for {kind.__name__} (subclasses are never matched implicitly); "
         "teach bnfold with extra_rules=[bnfold.FoldRule(producer_type, norm_type)]"

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize, prune
 from .arithmetic import Layout, fold_bias, scale_output_channels
 from .errors import FoldError
 from .planning import FoldPlan
-from .rules import RuleTable
+from .rules import RuleTable, layer_type
 
 __all__ = ["clone_model", "apply_plan", "Undo", "ChannelScale", "ChannelAffine"]
 
@@ -168,7 +168,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> Undo:
         try:
             norm = model.get_submodule(site.norm)
             producer = model.get_submodule(site.producer)
-            rule = rules[(type(producer), type(norm))]
+            rule = rules[(layer_type(producer), layer_type(norm))]
             scale, shift = rule.affine(norm)
             _write_weight(producer, scale, rule.weight_layout, undo)
             _write_bias(producer, scale, shift, undo)

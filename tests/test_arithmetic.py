@@ -1,0 +1,86 @@
+"""Property tests of the fold arithmetic against an independent oracle: running the layers in float64."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bnfold.arithmetic import affine_from_stats, fold_backward
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _random_bn(bn: nn.Module, g: torch.Generator) -> None:
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g, dtype=torch.float64) * 2 + 0.05)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2, 3]),
+    transposed=st.booleans(),
+    groups=st.sampled_from([1, 2, 3]),
+    per_group_in=st.integers(1, 3),
+    per_group_out=st.integers(1, 3),
+    bias=st.booleans(),
+    affine=st.booleans(),
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_fold_matches_conv_then_bn(dims, transposed, groups, per_group_in, per_group_out, bias, affine, eps, seed):
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = groups * per_group_in, groups * per_group_out
+    layer_type = (CONV_T if transposed else CONV)[dims]
+    layer = layer_type(cin, cout, 2, groups=groups, bias=bias).double().eval()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g, dtype=torch.float64))
+    bn = BN[dims](cout, eps=eps, affine=affine).double().eval()
+    _random_bn(bn, g)
+    x = torch.randn(2, cin, *([4] * dims), generator=g, dtype=torch.float64)
+    expected = bn(layer(x))
+
+    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, eps)
+    w, b = fold_backward(layer.weight, layer.bias, scale, shift, "conv_transpose" if transposed else "conv", groups)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias = nn.Parameter(b)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fin=st.integers(1, 6), fout=st.integers(1, 6), bias=st.booleans(), affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_fold_matches_linear_then_bn(fin, fout, bias, affine, seed):
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(fin, fout, bias=bias).double()
+    bn = nn.BatchNorm1d(fout, affine=affine).double().eval()
+    _random_bn(bn, g)
+    x = torch.randn(5, fin, generator=g, dtype=torch.float64)
+    expected = bn(linear(x))
+    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    w, b = fold_backward(linear.weight, linear.bias, scale, shift, "linear")
+    torch.testing.assert_close(torch.nn.functional.linear(x, w, b), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fold_computes_in_float64_and_returns_the_layer_dtype():
+    w = torch.randn(4, 3, dtype=torch.float16)
+    scale = torch.full((4,), 1.0 / 3.0, dtype=torch.float32)
+    new_w, new_b = fold_backward(w, None, scale, torch.zeros(4), "linear")
+    assert new_w.dtype == torch.float16 and new_b.dtype == torch.float16
+    # one rounding of the exact float64 product, not a float16 product of rounded factors
+    exact = (w.double() * scale.double()[:, None]).half()
+    assert torch.equal(new_w, exact)
+
+
+def test_unknown_layout_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown weight layout 'dense'"):
+        fold_backward(torch.ones(2, 2), None, torch.ones(2), torch.zeros(2), "dense")  # type: ignore[arg-type]

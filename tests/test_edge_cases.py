@@ -1,0 +1,385 @@
+"""Hand-built models: each case states how many norms must fold and how many must stay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_fold, randomize_norms
+from torch import nn
+
+import bnfold
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _x(dims: int, channels: int = 6) -> torch.Tensor:
+    return torch.randn(2, channels, *([5] * dims))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_every_conv_kind_folds(dims, transposed, groups, bias, affine):
+    layer = (CONV_T if transposed else CONV)[dims](6, 6, 3, groups=groups, bias=bias)
+    model = nn.Sequential(layer, BN[dims](6, affine=affine), nn.ReLU()).eval()
+    result = check_fold(model, _x(dims), folded=1, kept=0)
+    assert isinstance(result.model[1], nn.Identity)
+    assert result.model[0].bias is not None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_batchnorm1d_folds(bias):
+    model = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.BatchNorm1d(7), nn.ReLU()).eval()
+    check_fold(model, torch.randn(4, 5), folded=1, kept=0)
+
+
+def test_linear_on_sequence_with_batchnorm_over_length_is_kept():
+    # (N, L, F) with L == F: BatchNorm1d(L) normalizes axis 1 (L), not the Linear's features (axis 2)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    result = check_fold(model, torch.randn(3, 4, 4), folded=0, kept=1)
+    assert "axis 1" in result.report.plan.kept[0].reason
+
+
+def test_unbatched_conv1d_into_batchnorm1d_is_kept():
+    # unbatched (C, L) conv output: BatchNorm1d treats C as the batch and L as channels
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)).eval()
+    check_fold(model, torch.randn(3, 4), folded=0, kept=1)
+
+
+def test_sync_batchnorm_folds_in_eval_on_cpu():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+
+
+def test_lazy_batchnorm_folds_once_initialised():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    model(torch.randn(2, 3, 6, 6))
+    model.eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+
+
+def test_instance_norm_with_running_stats_folds_and_without_is_kept():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True, affine=True),
+        nn.Conv2d(4, 4, 3), nn.InstanceNorm2d(4),
+    ).eval()
+    result = check_fold(model, torch.randn(2, 3, 9, 9), folded=1, kept=1)
+    assert "its own statistics" in result.report.plan.kept[0].reason
+
+
+def test_torchvision_frozen_batchnorm_folds():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU())
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+
+
+def test_timm_batchnormact_keeps_its_activation_and_dropout():
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+    rest = result.model[1]
+    assert isinstance(rest.act, nn.SiLU) and isinstance(rest.drop, nn.Dropout)
+    x = torch.randn(2, 3, 6, 6)
+    assert (result.model(x) < 0).any()  # SiLU, not identity: negatives survive but are bounded
+    assert result.model(x).min() >= -0.2785
+
+
+def test_residual_use_of_conv_output_is_kept():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    result = check_fold(Residual().eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    assert "also feeds" in result.report.plan.kept[0].reason
+
+
+def test_second_branch_and_returned_conv_output_are_kept():
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(3, 4, 1)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.other = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = self.conv2(x)
+            return self.bn(y), self.other(y), self.bn2(z), z
+
+    check_fold(TwoBranch().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=2)
+
+
+def test_inplace_op_on_conv_output_before_norm_is_kept():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.add_(1.0)  # same tensor object, new version: the norm does not see the conv's output
+            return self.bn(y)
+
+    check_fold(InPlace().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+
+
+def test_inplace_op_through_a_view_is_kept():
+    class ViewInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            out = self.bn(y)
+            y[:, :2].mul_(2.0)
+            return out, y
+
+    check_fold(ViewInPlace().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+
+
+def test_inplace_relu_after_the_norm_still_folds():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+
+
+def test_inplace_relu_between_conv_and_norm_is_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "ReLU" in result.report.plan.kept[0].reason
+
+
+def test_shared_conv_is_kept():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn2(self.conv(self.bn1(self.conv(x))))
+
+    result = check_fold(Shared().eval(), torch.randn(2, 4, 5, 5), folded=0, kept=2)
+    assert all("called 2 times" in k.reason for k in result.report.plan.kept)
+
+
+def test_shared_norm_is_kept():
+    class SharedNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.bn(self.b(x))
+
+    check_fold(SharedNorm().eval(), torch.randn(2, 4, 3, 3), folded=0, kept=1)
+
+
+def test_tied_weights_are_kept():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.a(x)), self.b(x)
+
+    result = check_fold(Tied().eval(), torch.randn(3, 4), folded=0, kept=1)
+    assert "shared with 'b'" in result.report.plan.kept[0].reason
+
+
+def test_weight_used_functionally_elsewhere_is_kept():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + F.conv2d(x, self.conv.weight)
+
+    result = check_fold(Functional().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+    assert "also used outside" in result.report.plan.kept[0].reason
+
+
+def test_batch_statistics_norms_are_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1, randomize=False)
+    assert "track_running_stats=False" in result.report.plan.kept[0].reason
+
+
+def test_norm_in_training_mode_is_kept_with_flag_and_buffers_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    randomize_norms(model)
+    model.eval()
+    model[1].train()
+    mean_before = model[1].running_mean.clone()
+    tracked_before = model[1].num_batches_tracked.clone()
+    result = bnfold.fold_with_report(model, torch.randn(2, 3, 6, 6))
+    assert (len(result.report.plan.sites), len(result.report.plan.kept)) == (1, 1)
+    assert result.report.plan.kept[0].norm == "1"
+    assert "training mode" in result.report.plan.kept[0].reason
+    assert model[1].training and result.model[1].training
+    assert torch.equal(model[1].running_mean, mean_before)
+    assert torch.equal(model[1].num_batches_tracked, tracked_before)
+    assert not result.model.training
+
+
+def test_whole_model_in_training_mode_warns_once_and_folds_nothing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"model.eval\(\)") as record:
+        folded = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert len([w for w in record if "training mode" in str(w.message)]) == 1
+    assert isinstance(folded[1], nn.BatchNorm2d) and folded.training and model.training
+
+
+def test_conv_relu_bn_is_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+
+
+def test_bn_first_child_of_sequential_ending_in_conv_is_not_paired_by_wraparound():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "model input" in result.report.plan.kept[0].reason
+
+
+def test_registration_order_differs_from_execution_order():
+    class Shuffled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn_b = nn.BatchNorm2d(8)  # registered first, runs after conv_b
+            self.conv_a = nn.Conv2d(3, 4, 3)
+            self.bn_a = nn.BatchNorm2d(4)
+            self.conv_b = nn.Conv2d(4, 8, 3)
+
+        def forward(self, x):
+            return self.bn_b(self.conv_b(torch.relu(self.bn_a(self.conv_a(x)))))
+
+    result = check_fold(Shuffled().eval(), torch.randn(2, 3, 9, 9), folded=2, kept=0)
+    assert {(s.norm, s.producer) for s in result.report.plan.sites} == {("bn_a", "conv_a"), ("bn_b", "conv_b")}
+
+
+def test_identity_and_eval_dropout_between_conv_and_norm_fold():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.3), nn.BatchNorm2d(4)).eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+
+
+def test_python_control_flow_model_folds_with_example_inputs_only():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if y.sum() > 0:  # data-dependent: torch.fx cannot trace this
+                return y * 2
+            return y - 1
+
+    model = Branchy().eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+    with pytest.raises(bnfold.TraceError, match=r"^could not trace Branchy without example inputs \(torch.fx: .*pass example_inputs"):
+        bnfold.fold(model)
+
+
+def test_several_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.bn_a = nn.BatchNorm2d(4)
+            self.b = nn.Conv2d(5, 4, 3)
+            self.bn_b = nn.BatchNorm2d(4)
+
+        def forward(self, x, y, scale=1.0):
+            return self.bn_a(self.a(x)) * scale + self.bn_b(self.b(y))
+
+    check_fold(TwoInputs().eval(), (torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6), 0.5), folded=2, kept=0)
+
+
+def test_nested_output_structures_are_checked():
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return {"feat": [y, y.mean()], "shape": tuple(y.shape), "argmax": y.flatten(1).argmax(1)}
+
+    result = check_fold(Nested().eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0, randomize=True)
+    assert result.report.worst_output.startswith("output['feat']")
+
+
+def test_layer_norm_and_group_norm_are_listed_as_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 6), nn.LayerNorm(6)).eval()
+    result = check_fold(model, torch.randn(2, 3, 4, 4), folded=0, kept=2)
+    assert all("own statistics" in k.reason for k in result.report.plan.kept)
+
+
+def test_norm_subclass_needs_its_own_rule_and_extra_rules_teach_it():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MyBN(4)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "no fold rule for MyBN" in result.report.plan.kept[0].reason
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, extra_rules=[bnfold.FoldRule(nn.Conv2d, MyBN)])
+
+
+def test_custom_producer_rule():
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, extra_rules=[bnfold.FoldRule(MyConv, nn.BatchNorm2d)])
+
+
+def test_norm_with_user_hooks_is_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "hooks" in result.report.plan.kept[0].reason
+
+
+def test_modules_in_module_list_and_dict_fold():
+    class Containers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)])
+            self.norms = nn.ModuleDict({"first": nn.BatchNorm2d(4), "second": nn.BatchNorm2d(4)})
+
+        def forward(self, x):
+            x = self.norms["first"](self.convs[0](x))
+            return self.norms["second"](self.convs[1](x))
+
+    result = check_fold(Containers().eval(), torch.randn(2, 3, 8, 8), folded=2, kept=0)
+    assert isinstance(result.model.norms["first"], nn.Identity)
