@@ -61,7 +61,7 @@ def check_fold(model: nn.Module, example_inputs, *, folded: int, kept: int, rand
         actual = result.model(*args)
     flat_e, flat_a = list(_leaves(expected)), list(_leaves(actual))
     assert len(flat_e) == len(flat_a)
-    for e, a in zip(flat_e, flat_a):
+    for e, a in zip(flat_e, flat_a, strict=True):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
             assert max_rel_diff(e, a) < 1e-5, max_rel_diff(e, a)
         elif isinstance(e, torch.Tensor):

@@ -9,11 +9,12 @@ import warnings
 import pytest
 import torch
 import torchvision
-from helpers import assert_same_state, check_fold, max_rel_diff, randomize_norms, state_snapshot
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import bnfold
+
+from helpers import assert_same_state, check_fold, max_rel_diff, randomize_norms, state_snapshot
 
 
 def small_net() -> nn.Module:
@@ -155,7 +156,9 @@ def test_forward_that_raises_says_where_and_chains_the_cause():
         def forward(self, x):
             return self.head(self.stem(x))
 
-    with pytest.raises(bnfold.TraceError, match=r"^running Broken on example_inputs failed inside 'head' \(Linear\) after 3 completed") as info:
+    with pytest.raises(
+        bnfold.TraceError, match=r"^running Broken on example_inputs failed inside 'head' \(Linear\) after 3 completed"
+    ) as info:
         bnfold.fold(Broken().eval(), X)
     assert isinstance(info.value.__cause__, RuntimeError)
 

@@ -56,7 +56,9 @@ def test_conv_fold_matches_conv_then_bn(dims, transposed, groups, per_group_in, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(fin=st.integers(1, 6), fout=st.integers(1, 6), bias=st.booleans(), affine=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    fin=st.integers(1, 6), fout=st.integers(1, 6), bias=st.booleans(), affine=st.booleans(), seed=st.integers(0, 2**16)
+)
 def test_linear_fold_matches_linear_then_bn(fin, fout, bias, affine, seed):
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(fin, fout, bias=bias).double()

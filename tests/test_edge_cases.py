@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_fold, randomize_norms
 from torch import nn
 
 import bnfold
+
+from helpers import check_fold, randomize_norms
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -65,8 +66,10 @@ def test_lazy_batchnorm_folds_once_initialised():
 
 def test_instance_norm_with_running_stats_folds_and_without_is_kept():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True, affine=True),
-        nn.Conv2d(4, 4, 3), nn.InstanceNorm2d(4),
+        nn.Conv2d(3, 4, 3),
+        nn.InstanceNorm2d(4, track_running_stats=True, affine=True),
+        nn.Conv2d(4, 4, 3),
+        nn.InstanceNorm2d(4),
     ).eval()
     result = check_fold(model, torch.randn(2, 3, 9, 9), folded=1, kept=1)
     assert "its own statistics" in result.report.plan.kept[0].reason
@@ -303,7 +306,9 @@ def test_python_control_flow_model_folds_with_example_inputs_only():
 
     model = Branchy().eval()
     check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
-    with pytest.raises(bnfold.TraceError, match=r"^could not trace Branchy without example inputs \(torch.fx: .*pass example_inputs"):
+    with pytest.raises(
+        bnfold.TraceError, match=r"^could not trace Branchy without example inputs \(torch.fx: .*pass example_inputs"
+    ):
         bnfold.fold(model)
 
 
@@ -338,7 +343,9 @@ def test_nested_output_structures_are_checked():
 
 
 def test_layer_norm_and_group_norm_are_listed_as_kept():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 6), nn.LayerNorm(6)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 6), nn.LayerNorm(6)
+    ).eval()
     result = check_fold(model, torch.randn(2, 3, 4, 4), folded=0, kept=2)
     assert all("own statistics" in k.reason for k in result.report.plan.kept)
 
@@ -383,3 +390,22 @@ def test_modules_in_module_list_and_dict_fold():
 
     result = check_fold(Containers().eval(), torch.randn(2, 3, 8, 8), folded=2, kept=0)
     assert isinstance(result.model.norms["first"], nn.Identity)
+
+
+def test_model_that_changes_its_input_in_place_leaves_the_callers_tensor_alone():
+    class Mutating(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x.mul_(2.0)
+            return self.bn(self.conv(x))
+
+    x = torch.randn(2, 3, 6, 6)
+    before = x.clone()
+    model = randomize_norms(Mutating()).eval()
+    result = bnfold.fold_with_report(model, x)
+    assert torch.equal(x, before)
+    assert result.report.folded == 1

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .graph import DataFlowGraph, preserved_buffers, seeded, trace_execution, trace_symbolic
+from .graph import DataFlowGraph, detached_copy, preserved_buffers, seeded, trace_execution, trace_symbolic
 from .planning import TRAINING_REASON_PREFIX, FoldPlan, make_plan, norm_types, producer_types
 from .report import FoldReport, model_size
 from .rules import FoldRule, RuleTable, build_rules
@@ -31,7 +31,7 @@ def _check_model(model: Any, caller: str) -> nn.Module:
         )
     for name, module in model.named_modules():
         for tname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            if nn.parameter.is_lazy(t):
                 where = f"'{name}'" if name else "the model"
                 raise ValueError(
                     f"{where} ({type(module).__name__}) is not initialised yet ({tname} is an uninitialised lazy "
@@ -78,8 +78,12 @@ def _plan(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> t
     return found, graph
 
 
-def plan(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None, *,
-         extra_rules: Iterable[FoldRule] | None = None) -> FoldPlan:
+def plan(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...] | None = None,
+    *,
+    extra_rules: Iterable[FoldRule] | None = None,
+) -> FoldPlan:
     """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
 
     Changes nothing: with ``example_inputs`` the model runs once, without grad, with a fixed seed,
@@ -105,8 +109,13 @@ class FoldResult:
     report: FoldReport
 
 
-def fold_with_report(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None, *,
-                     inplace: bool = False, extra_rules: Iterable[FoldRule] | None = None) -> FoldResult:
+def fold_with_report(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...] | None = None,
+    *,
+    inplace: bool = False,
+    extra_rules: Iterable[FoldRule] | None = None,
+) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
 
     >>> import torch
@@ -129,7 +138,7 @@ def fold_with_report(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] 
     if args is not None:
         try:
             with torch.no_grad(), preserved_buffers(target), seeded(target):
-                actual = target(*args)
+                actual = target(*detached_copy(args))
             diffs = check_outputs(graph.reference_outputs, actual)
         except BaseException:
             undo_all(undo)
@@ -145,8 +154,13 @@ def fold_with_report(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] 
     return FoldResult(target, report)
 
 
-def fold(model: nn.Module, example_inputs: Tensor | tuple[Any, ...] | None = None, *,
-         inplace: bool = False, extra_rules: Iterable[FoldRule] | None = None) -> nn.Module:
+def fold(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...] | None = None,
+    *,
+    inplace: bool = False,
+    extra_rules: Iterable[FoldRule] | None = None,
+) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
 
     With ``example_inputs`` (a Tensor, or a tuple of positional arguments) bnfold runs the model once to

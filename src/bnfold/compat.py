@@ -7,7 +7,7 @@ knows how to fold when their library is present, and nothing otherwise.
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 
@@ -26,25 +26,25 @@ def _present(*candidates: type[nn.Module] | None) -> tuple[type[nn.Module], ...]
     return tuple(c for c in candidates if c is not None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
     """Norms with fixed statistics stored as buffers: torchvision's ``FrozenBatchNorm2d``."""
     return _present(_optional("torchvision.ops.misc", "FrozenBatchNorm2d"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def norm_act_types() -> tuple[type[nn.Module], ...]:
     """BatchNorm2d subclasses that also apply dropout and an activation: timm's ``BatchNormAct2d``."""
     return _present(_optional("timm.layers.norm_act", "BatchNormAct2d"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def sync_norm_act_types() -> tuple[type[nn.Module], ...]:
     """SyncBatchNorm subclasses that also apply dropout and an activation: timm's ``SyncBatchNormAct``."""
     return _present(_optional("timm.layers.norm_act", "SyncBatchNormAct"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def frozen_norm_act_types() -> tuple[type[nn.Module], ...]:
     """Frozen batch norms that also apply dropout and an activation: timm's ``FrozenBatchNormAct2d``."""
     return _present(_optional("timm.layers.norm_act", "FrozenBatchNormAct2d"))

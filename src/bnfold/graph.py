@@ -33,7 +33,16 @@ from torch.overrides import TorchFunctionMode
 from .errors import TraceError
 from .rules import layer_type
 
-__all__ = ["Call", "DataFlowGraph", "trace_execution", "trace_symbolic", "iter_tensors", "seeded", "preserved_buffers"]
+__all__ = [
+    "Call",
+    "DataFlowGraph",
+    "trace_execution",
+    "trace_symbolic",
+    "iter_tensors",
+    "detached_copy",
+    "seeded",
+    "preserved_buffers",
+]
 
 ValueKey = Hashable
 
@@ -79,8 +88,14 @@ class DataFlowGraph:
         output_ndims: list[int | None] | None = None,
     ) -> Call:
         call = Call(
-            len(self.calls), kind, target, module, inputs, outputs,
-            input_ndims or [None] * len(inputs), output_ndims or [None] * len(outputs),
+            len(self.calls),
+            kind,
+            target,
+            module,
+            inputs,
+            outputs,
+            input_ndims or [None] * len(inputs),
+            output_ndims or [None] * len(outputs),
         )
         self.calls.append(call)
         # A call that hands back one of its inputs unchanged (same tensor, same version: nn.Identity,
@@ -140,7 +155,7 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 
 def _is_uninitialized(t: Tensor) -> bool:
-    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+    return nn.parameter.is_lazy(t)
 
 
 def _op_name(func: Callable[..., Any]) -> str:
@@ -153,21 +168,53 @@ def _op_name(func: Callable[..., Any]) -> str:
 # Ops that read only a tensor's metadata, never its values: a shape or a dtype does not change when a
 # norm folds, so these are not consumers.
 _METADATA_OPS = {
-    "Tensor.shape", "Tensor.size", "Tensor.dim", "Tensor.ndim", "Tensor.ndimension", "Tensor.dtype",
-    "Tensor.device", "Tensor.layout", "Tensor.numel", "Tensor.nelement", "Tensor.__len__",
-    "Tensor.is_contiguous", "Tensor.is_floating_point", "Tensor.is_complex", "Tensor.requires_grad",
-    "Tensor.is_cuda", "Tensor.is_cpu", "Tensor.is_leaf", "Tensor.grad_fn", "Tensor.stride",
-    "Tensor.element_size", "Tensor.get_device", "Tensor._version", "Tensor.data_ptr", "Tensor.is_sparse",
-    "Tensor.is_quantized", "Tensor.is_meta", "Tensor.names", "Tensor.__hash__", "Tensor.storage_offset",
-    "Tensor.is_mps", "Tensor.is_xpu", "Tensor.is_nested", "Tensor.is_inference", "numel",
-    "is_floating_point", "is_complex", "Tensor.__format__",
+    "Tensor.shape",
+    "Tensor.size",
+    "Tensor.dim",
+    "Tensor.ndim",
+    "Tensor.ndimension",
+    "Tensor.dtype",
+    "Tensor.device",
+    "Tensor.layout",
+    "Tensor.numel",
+    "Tensor.nelement",
+    "Tensor.__len__",
+    "Tensor.is_contiguous",
+    "Tensor.is_floating_point",
+    "Tensor.is_complex",
+    "Tensor.requires_grad",
+    "Tensor.is_cuda",
+    "Tensor.is_cpu",
+    "Tensor.is_leaf",
+    "Tensor.grad_fn",
+    "Tensor.stride",
+    "Tensor.element_size",
+    "Tensor.get_device",
+    "Tensor._version",
+    "Tensor.data_ptr",
+    "Tensor.is_sparse",
+    "Tensor.is_quantized",
+    "Tensor.is_meta",
+    "Tensor.names",
+    "Tensor.__hash__",
+    "Tensor.storage_offset",
+    "Tensor.is_mps",
+    "Tensor.is_xpu",
+    "Tensor.is_nested",
+    "Tensor.is_inference",
+    "numel",
+    "is_floating_point",
+    "is_complex",
+    "Tensor.__format__",
 }
 
 
 class _ExecutionTracer(TorchFunctionMode):
     """Records module calls (through hooks) and tensor ops (through the function mode) into a graph."""
 
-    def __init__(self, model: nn.Module, recorded_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]) -> None:
+    def __init__(
+        self, model: nn.Module, recorded_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]
+    ) -> None:
         super().__init__()
         self.graph = DataFlowGraph(traced_with="example_inputs")
         self.names: dict[int, str] = {}
@@ -275,6 +322,7 @@ def trace_execution(
         handles.append(module.register_forward_hook(tracer.post_hook, with_kwargs=True))
     try:
         with torch.no_grad(), preserved_buffers(model), seeded(model):
+            args = detached_copy(args)
             in_keys, in_ndims = tracer.keys(args)
             tracer.graph.add("input", "<inputs>", None, [], in_keys, None, in_ndims)
             try:
@@ -288,22 +336,24 @@ def trace_execution(
                 ) from error
             out_keys, out_ndims = tracer.keys(output)
             tracer.graph.add("output", "<outputs>", None, out_keys, [], out_ndims, None)
-            tracer.graph.reference_outputs = _detached_copy(output)
+            tracer.graph.reference_outputs = detached_copy(output)
     finally:
         for handle in handles:
             handle.remove()
     return tracer.graph
 
 
-def _detached_copy(obj: Any) -> Any:
+def detached_copy(obj: Any) -> Any:
+    """A copy of nested tuples/lists/dicts with every tensor detached and cloned (models may change
+    their inputs in place; the caller's tensors must not be touched)."""
     if isinstance(obj, Tensor):
         return obj.detach().clone()
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_detached_copy(o) for o in obj))
+        return type(obj)(*(detached_copy(o) for o in obj))
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_detached_copy(o) for o in obj)
+        return type(obj)(detached_copy(o) for o in obj)
     if isinstance(obj, dict):
-        return {k: _detached_copy(v) for k, v in obj.items()}
+        return {k: detached_copy(v) for k, v in obj.items()}
     return obj
 
 
@@ -316,7 +366,9 @@ class _LeafTracer(torch.fx.Tracer):
         return layer_type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace_symbolic(model: nn.Module, leaf_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]) -> DataFlowGraph:
+def trace_symbolic(
+    model: nn.Module, leaf_types: set[type[nn.Module]], watched_types: set[type[nn.Module]]
+) -> DataFlowGraph:
     """Build the graph with ``torch.fx`` symbolic tracing (no inputs needed, no shapes known)."""
     try:
         fx_graph = _LeafTracer(leaf_types).trace(model)
@@ -345,5 +397,11 @@ def trace_symbolic(model: nn.Module, leaf_types: set[type[nn.Module]], watched_t
                     owner = model.get_submodule(owner_name)
                     if id(owner) in watched:
                         graph.foreign_uses.setdefault(id(owner), f"get_attr {node.target}")
-            graph.add("function", _op_name(node.target) if callable(node.target) else str(node.target), None, inputs, [node.name])
+            graph.add(
+                "function",
+                _op_name(node.target) if callable(node.target) else str(node.target),
+                None,
+                inputs,
+                [node.name],
+            )
     return graph

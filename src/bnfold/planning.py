@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
-from torch.nn.utils import prune
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from .graph import Call, DataFlowGraph
-from .rules import FoldRule, RuleTable, is_norm_layer, layer_type, unfoldable_reason
+from .rules import FoldRule, RuleTable, is_norm_layer, layer_type, require_tensor, tensor_attr, unfoldable_reason
 
 __all__ = ["FoldSite", "KeptNorm", "FoldPlan", "make_plan", "producer_types", "norm_types"]
 
@@ -101,7 +100,7 @@ def _fixed_input_ndim(norm: nn.Module) -> int | None:
 
 
 def _producer_channels(producer: nn.Module, rule: FoldRule) -> int:
-    weight = producer.weight
+    weight = require_tensor(producer, "weight")
     if rule.weight_layout == "conv_transpose":
         return int(weight.shape[1]) * int(getattr(producer, "groups", 1))
     return int(weight.shape[0])
@@ -110,12 +109,12 @@ def _producer_channels(producer: nn.Module, rule: FoldRule) -> int:
 def _producer_channel_axis(producer: nn.Module, rule: FoldRule, output_ndim: int) -> int:
     if rule.weight_layout == "linear":
         return output_ndim - 1
-    kernel_dims = producer.weight.dim() - 2
+    kernel_dims = require_tensor(producer, "weight").dim() - 2
     return 1 if output_ndim == kernel_dims + 2 else 0
 
 
 def _pre_hook_reason(producer: nn.Module) -> str | None:
-    for hook in producer._forward_pre_hooks.values():
+    for hook in list(producer._forward_pre_hooks.values()):
         if isinstance(hook, prune.BasePruningMethod):
             if getattr(hook, "_tensor_name", None) == "weight":
                 continue
@@ -151,18 +150,30 @@ def _backward_reason(
     value = norm_call.inputs[0]
     source_index = graph.producer.get(value)
     if source_index is None:
-        return "its input is not produced by any layer bnfold saw (a model input, or a tensor changed in place)", None, None
+        return (
+            "its input is not produced by any layer bnfold saw (a model input, or a tensor changed in place)",
+            None,
+            None,
+        )
     source = graph.calls[source_index]
     if source.kind == "input":
         return "its input is a model input: there is no layer before it to fold into", None, None
     if source.kind != "module" or source.module is None:
-        return f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target, None
+        return (
+            f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer",
+            source.target,
+            None,
+        )
     producer = source.module
     pname = model_names.get(id(producer), source.target)
     ptype = layer_type(producer).__name__
     rule = rules.get((layer_type(producer), layer_type(norm)))
     if rule is None:
-        return f"it is fed by '{pname}' ({ptype}), and there is no fold rule for {ptype} -> {type(norm).__name__}", pname, None
+        return (
+            f"it is fed by '{pname}' ({ptype}), and there is no fold rule for {ptype} -> {type(norm).__name__}",
+            pname,
+            None,
+        )
     reason = rule.check(norm)
     if reason:
         return reason, pname, None
@@ -177,16 +188,20 @@ def _backward_reason(
     if len(source.outputs) != 1:
         return f"'{pname}' returns several tensors", pname, None
     if id(producer) in graph.foreign_uses:
-        return f"the parameters of '{pname}' are also used outside it (by {graph.foreign_uses[id(producer)]})", pname, None
+        return (
+            f"the parameters of '{pname}' are also used outside it (by {graph.foreign_uses[id(producer)]})",
+            pname,
+            None,
+        )
     shared = _shared_parameter_reason(producer, owners, pname)
     if shared:
         return f"'{pname}': {shared}", pname, None
-    if producer._forward_hooks:
+    if len(producer._forward_hooks) > 0:
         return f"'{pname}' has forward hooks that would see the folded output", pname, None
     hook_reason = _pre_hook_reason(producer)
     if hook_reason:
         return f"'{pname}': {hook_reason}", pname, None
-    weight = getattr(producer, "weight", None)
+    weight = tensor_attr(producer, "weight")
     if weight is None or not weight.is_floating_point():
         return f"'{pname}' has no floating-point weight to fold into", pname, None
     scale, _ = rule.affine(norm)
@@ -199,21 +214,33 @@ def _backward_reason(
             return "the shape of its input is unknown", pname, None
         if rule.channel_axis(norm, in_ndim) != _producer_channel_axis(producer, rule, out_ndim):
             return (
-                f"it normalizes axis {rule.channel_axis(norm, in_ndim)} of its input, but the output channels of "
-                f"'{pname}' are axis {_producer_channel_axis(producer, rule, out_ndim)}"
-            ), pname, None
+                (
+                    f"it normalizes axis {rule.channel_axis(norm, in_ndim)} of its input, but the output channels of "
+                    f"'{pname}' are axis {_producer_channel_axis(producer, rule, out_ndim)}"
+                ),
+                pname,
+                None,
+            )
     else:
         fixed = _fixed_input_ndim(norm)
-        producer_rank = producer.weight.dim() if rule.weight_layout != "linear" else None
+        producer_rank = weight.dim() if rule.weight_layout != "linear" else None
         same_kind_instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm) and producer_rank is not None
         if not same_kind_instance and (fixed is None or producer_rank is None or fixed != producer_rank):
             return (
-                "without example_inputs bnfold cannot tell whether it normalizes the output channels of "
-                f"'{pname}'; pass example_inputs"
-            ), pname, None
+                (
+                    "without example_inputs bnfold cannot tell whether it normalizes the output channels of "
+                    f"'{pname}'; pass example_inputs"
+                ),
+                pname,
+                None,
+            )
     if parametrize.is_parametrized(producer, "bias") and getattr(producer, "bias", None) is None:
         return f"'{pname}' has a parametrized bias that is None", pname, None
     return None, pname, rule
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return len(module._forward_hooks) > 0 or len(module._forward_pre_hooks) > 0
 
 
 def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldPlan:
@@ -244,7 +271,7 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
                 reason = "it is not called in the forward pass"
             elif len(calls) > 1:
                 reason = f"it is called {len(calls)} times in one forward pass (shared)"
-            elif norm._forward_hooks or norm._forward_pre_hooks:
+            elif _has_hooks(norm):
                 reason = "it has forward hooks, which would be lost"
             elif calls[0] < 0:
                 reason = "it runs inside another layer bnfold treats as a whole"

@@ -87,7 +87,7 @@ class FoldReport:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -124,5 +124,7 @@ def render_report(report: FoldReport) -> str:
     if report.max_abs_error is None:
         lines.append("max error:  not checked (no example inputs)")
     else:
-        lines.append(f"max error:  {report.max_abs_error:.3g} absolute, {report.max_rel_error:.3g} relative ({report.worst_output})")
+        lines.append(
+            f"max error:  {report.max_abs_error:.3g} absolute, {report.max_rel_error:.3g} relative ({report.worst_output})"
+        )
     return "\n".join(lines)

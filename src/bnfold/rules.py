@@ -22,6 +22,8 @@ from .arithmetic import Layout, affine_from_stats
 __all__ = [
     "FoldRule",
     "layer_type",
+    "tensor_attr",
+    "require_tensor",
     "FoldedNormAct",
     "RuleTable",
     "builtin_rules",
@@ -45,15 +47,29 @@ def layer_type(module: nn.Module) -> type[nn.Module]:
     return kind
 
 
+def tensor_attr(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` when it is a tensor (parameter, buffer or derived attribute), else ``None``."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, Tensor) else None
+
+
+def require_tensor(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>``, which must be a tensor."""
+    value = tensor_attr(module, name)
+    if value is None:
+        raise AttributeError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    return value
+
+
 def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     """The float64 ``(scale, shift)`` of a norm that stores ``running_mean``, ``running_var``,
     ``weight``, ``bias`` (``None`` when not affine) and ``eps``, as BatchNorm and its relatives do."""
     return affine_from_stats(
-        norm.running_mean,
-        norm.running_var,
-        getattr(norm, "weight", None),
-        getattr(norm, "bias", None),
-        float(norm.eps),
+        require_tensor(norm, "running_mean"),
+        require_tensor(norm, "running_var"),
+        tensor_attr(norm, "weight"),
+        tensor_attr(norm, "bias"),
+        float(vars(norm)["eps"]),
     )
 
 
@@ -214,7 +230,9 @@ def builtin_rules() -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
     return {rule.key: rule for rule in rules}
 
 
-def build_rules(extra_rules: Iterable[FoldRule] | None = None) -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
+def build_rules(
+    extra_rules: Iterable[FoldRule] | None = None,
+) -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
     """The built-in table plus ``extra_rules`` (which win over built-in rules for the same pair)."""
     table = builtin_rules()
     if extra_rules is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize, prune
 from .arithmetic import Layout, fold_bias, scale_output_channels
 from .errors import FoldError
 from .planning import FoldPlan
-from .rules import RuleTable, layer_type
+from .rules import RuleTable, layer_type, require_tensor, tensor_attr
 
 __all__ = ["clone_model", "apply_plan", "Undo", "ChannelScale", "ChannelAffine"]
 
@@ -58,7 +58,7 @@ class ChannelScale(nn.Module):
         self.groups = groups
 
     def forward(self, weight: Tensor) -> Tensor:
-        return scale_output_channels(weight, self.scale, self.layout, self.groups)
+        return scale_output_channels(weight, require_tensor(self, "scale"), self.layout, self.groups)
 
 
 class ChannelAffine(nn.Module):
@@ -70,7 +70,7 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, bias: Tensor) -> Tensor:
-        return fold_bias(bias, self.scale, self.shift, bias)
+        return fold_bias(bias, require_tensor(self, "scale"), require_tensor(self, "shift"), bias)
 
 
 def _weight_hook(module: nn.Module, kind: str) -> Any:
@@ -96,8 +96,12 @@ def _copy_into(t: Tensor, value: Tensor, undo: Undo) -> None:
 
 def _append_parametrization(module: nn.Module, name: str, parametrization: nn.Module, undo: Undo) -> None:
     parametrize.register_parametrization(module, name, parametrization)
-    plist = module.parametrizations[name]  # type: ignore[index]
-    undo.append(lambda: plist.__delitem__(len(plist) - 1))
+    plist = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[name])
+
+    def drop_last() -> None:
+        del plist[len(plist) - 1]
+
+    undo.append(drop_last)
 
 
 def _write_weight(producer: nn.Module, scale: Tensor, layout: Layout, undo: Undo) -> None:
@@ -108,36 +112,37 @@ def _write_weight(producer: nn.Module, scale: Tensor, layout: Layout, undo: Undo
     pruning = _weight_hook(producer, "prune")
     if pruning is not None:
         # A per-channel scale keeps zeros zero: fold into weight_orig and keep the mask.
-        orig = producer.weight_orig
+        orig = require_tensor(producer, "weight_orig")
         _copy_into(orig, scale_output_channels(orig, scale, layout, groups), undo)
-        old_weight = producer.weight
-        setattr(producer, "weight", pruning.apply_mask(producer))
+        old_weight = require_tensor(producer, "weight")
+        producer.weight = pruning.apply_mask(producer)
         undo.append(lambda: setattr(producer, "weight", old_weight))
         return
     weight_norm = _weight_hook(producer, "weight_norm")
     if weight_norm is not None:
         target = scale_output_channels(weight_norm.compute_weight(producer), scale, layout, groups)
-        _copy_into(producer.weight_v, target, undo)
-        _copy_into(producer.weight_g, torch.norm_except_dim(target, 2, weight_norm.dim), undo)
-        old_weight = producer.weight
-        setattr(producer, "weight", weight_norm.compute_weight(producer))
+        _copy_into(require_tensor(producer, "weight_v"), target, undo)
+        _copy_into(require_tensor(producer, "weight_g"), torch.norm_except_dim(target, 2, weight_norm.dim), undo)
+        old_weight = require_tensor(producer, "weight")
+        producer.weight = weight_norm.compute_weight(producer)
         undo.append(lambda: setattr(producer, "weight", old_weight))
         return
-    _copy_into(producer.weight, scale_output_channels(producer.weight, scale, layout, groups), undo)
+    weight = require_tensor(producer, "weight")
+    _copy_into(weight, scale_output_channels(weight, scale, layout, groups), undo)
 
 
 def _write_bias(producer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> None:
     if parametrize.is_parametrized(producer, "bias"):
         _append_parametrization(producer, "bias", ChannelAffine(scale, shift), undo)
         return
-    bias = producer.bias
-    weight = producer.weight
+    bias = tensor_attr(producer, "bias")
+    weight = require_tensor(producer, "weight")
     if bias is None:
         new = nn.Parameter(fold_bias(None, scale, shift, weight), requires_grad=weight.requires_grad)
-        producer.bias = new
+        producer.register_parameter("bias", new)
 
         def drop_bias() -> None:
-            producer.bias = None
+            producer.register_parameter("bias", None)
 
         undo.append(drop_bias)
     else:
@@ -154,11 +159,18 @@ def _locations(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str
     return found
 
 
+def _setter(parent: nn.Module, attr: str, module: nn.Module) -> Callable[[], None]:
+    def put_back() -> None:
+        parent._modules[attr] = module
+
+    return put_back
+
+
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> None:
     new.train(old.training)
     for parent, attr in _locations(model, old):
         parent._modules[attr] = new
-        undo.append(lambda parent=parent, attr=attr: parent._modules.__setitem__(attr, old))
+        undo.append(_setter(parent, attr, old))
 
 
 def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> Undo:

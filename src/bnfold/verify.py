@@ -87,7 +87,7 @@ def compare_outputs(expected: Any, actual: Any) -> list[OutputDiff]:
     if [p for p, _ in left] != [p for p, _ in right]:
         return [OutputDiff("output structure", math.inf, 0.0, 0.0)]
     diffs = []
-    for (path, e), (_, a) in zip(left, right):
+    for (path, e), (_, a) in zip(left, right, strict=False):
         if isinstance(e, Tensor) and isinstance(a, Tensor):
             diffs.append(_diff(path, e, a))
         elif isinstance(e, Tensor) or isinstance(a, Tensor):

@@ -1,0 +1,89 @@
+"""Real architectures from torchvision and timm (random weights, randomized norm statistics): outputs match
+and the exact numbers of folded and kept norm layers are asserted."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import bnfold
+
+from helpers import check_fold
+
+# name: (folded, kept, input size). Kept norms, where any, are explained in the comment.
+TORCHVISION = {
+    "resnet18": (20, 0, 64),
+    "resnet50": (53, 0, 64),
+    "mobilenet_v2": (52, 0, 64),
+    "mobilenet_v3_small": (34, 0, 64),
+    "efficientnet_b0": (49, 0, 64),
+    "regnet_x_400mf": (71, 0, 64),
+    # norm1 of each dense layer and the transition/final norms read a torch.cat of several layers
+    "densenet121": (59, 62, 64),
+    # the auxiliary heads are not run in eval mode
+    "googlenet": (57, 2, 64),
+    "inception_v3": (94, 2, 75),
+    "shufflenet_v2_x0_5": (56, 0, 64),
+    "vgg11_bn": (8, 0, 32),
+}
+
+TIMM = {
+    "efficientnet_b0": (49, 0, 64),  # BatchNormAct2d throughout
+    "mobilenetv3_small_050": (34, 0, 64),
+    "resnet18": (20, 0, 64),
+    "cspresnet50": (55, 0, 64),
+    "regnetx_002": (44, 0, 64),
+    "rexnet_100": (62, 0, 64),
+    "dla34": (37, 0, 64),
+    "ghostnet_050": (80, 0, 64),
+    # the identity-branch BatchNorm of each RepVGG block reads the previous block's ReLU output
+    "repvgg_a0": (44, 17, 64),
+    # mixed depthwise convs are split and concatenated before their norm
+    "mixnet_s": (15, 34, 64),
+    # LayerNorm normalizes each input with its own statistics
+    "convnext_atto": (0, 17, 64),
+}
+
+
+def _torchvision(name: str) -> nn.Module:
+    extra = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=10, **extra)
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision(name):
+    folded, kept, size = TORCHVISION[name]
+    torch.manual_seed(0)
+    model = _torchvision(name).eval()
+    check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm(name):
+    folded, kept, size = TIMM[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
+
+
+def test_timm_zoo_covers_batchnormact2d():
+    from timm.layers import BatchNormAct2d
+
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).eval()
+    norm_acts = [m for m in model.modules() if type(m) is BatchNormAct2d]
+    assert len(norm_acts) == 49
+    folded = bnfold.fold(model, torch.randn(1, 3, 64, 64))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, bnfold.rules.FoldedNormAct) for m in folded.modules()) == 49
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_symbolic_tracing_matches_execution_tracing(name):
+    model = _torchvision(name).eval()
+    with_inputs = bnfold.plan(model, torch.randn(1, 3, 64, 64))
+    without = bnfold.plan(model)
+    assert without.traced_with == "torch.fx"
+    assert [(s.norm, s.producer) for s in without.sites] == [(s.norm, s.producer) for s in with_inputs.sites]
