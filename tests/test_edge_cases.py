@@ -283,7 +283,7 @@ def test_registration_order_differs_from_execution_order():
             return self.bn_b(self.conv_b(torch.relu(self.bn_a(self.conv_a(x)))))
 
     result = check_fold(Shuffled().eval(), torch.randn(2, 3, 9, 9), folded=2, kept=0)
-    assert {(s.norm, s.producer) for s in result.report.plan.sites} == {("bn_a", "conv_a"), ("bn_b", "conv_b")}
+    assert {(s.norm, s.partner) for s in result.report.plan.sites} == {("bn_a", "conv_a"), ("bn_b", "conv_b")}
 
 
 def test_identity_and_eval_dropout_between_conv_and_norm_fold():

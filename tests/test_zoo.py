@@ -86,4 +86,4 @@ def test_symbolic_tracing_matches_execution_tracing(name):
     with_inputs = bnfold.plan(model, torch.randn(1, 3, 64, 64))
     without = bnfold.plan(model)
     assert without.traced_with == "torch.fx"
-    assert [(s.norm, s.producer) for s in without.sites] == [(s.norm, s.producer) for s in with_inputs.sites]
+    assert [(s.norm, s.partner) for s in without.sites] == [(s.norm, s.partner) for s in with_inputs.sites]

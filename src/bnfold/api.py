@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import DataFlowGraph, detached_copy, preserved_buffers, seeded, trace_execution, trace_symbolic
-from .planning import TRAINING_REASON_PREFIX, FoldPlan, make_plan, norm_types, producer_types
+from .planning import TRAINING_REASON_PREFIX, FoldPlan, layer_types, make_plan, norm_types
 from .report import FoldReport, model_size
 from .rules import FoldRule, RuleTable, build_rules
 from .surgery import apply_plan, clone_model, undo_all
@@ -55,10 +55,10 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def _discover(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> DataFlowGraph:
-    recorded = producer_types(rules) | norm_types(rules)
+    recorded = layer_types(rules) | norm_types(rules)
     if args is None:
-        return trace_symbolic(model, recorded, producer_types(rules))
-    return trace_execution(model, args, recorded, producer_types(rules))
+        return trace_symbolic(model, recorded, layer_types(rules))
+    return trace_execution(model, args, recorded, layer_types(rules))
 
 
 def _warn_training(model: nn.Module, plan: FoldPlan) -> None:

@@ -6,6 +6,10 @@ Folding it into the layer that produces ``x`` (backward folding) multiplies the
 layer's weight along its output-channel axis by ``scale`` and maps its bias to
 ``bias * scale + shift``.
 
+Folding it into the layer that reads ``y`` (forward folding) scales the layer's
+weight along its input channels and adds the layer's response to ``shift`` to
+its bias.
+
 Everything is computed in float64 and cast back to the dtype and device of the
 tensor it replaces, so folding adds one rounding per weight, not one per step.
 """
@@ -17,7 +21,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "affine_from_stats", "scale_output_channels", "fold_bias", "fold_backward"]
+__all__ = [
+    "Layout",
+    "affine_from_stats",
+    "scale_output_channels",
+    "scale_input_channels",
+    "input_shift_response",
+    "fold_bias",
+    "fold_backward",
+    "fold_forward",
+]
 
 #: How a producer stores its weight: ``conv`` is ``(out, in/groups, *kernel)``,
 #: ``conv_transpose`` is ``(in, out/groups, *kernel)``, ``linear`` is ``(out, in)``.
@@ -60,16 +73,45 @@ def affine_from_stats(
     return scale, shift
 
 
-def _output_axis_shape(layout: Layout, weight_shape: torch.Size, groups: int) -> tuple[int, ...]:
-    """The shape that ``scale`` takes to broadcast along the output channels of a grouped weight view."""
-    kernel = (1,) * (len(weight_shape) - 2)
-    if layout == "conv":
-        return (-1, 1, *kernel)
+def _check_layout(layout: str) -> None:
+    if layout not in ("conv", "conv_transpose", "linear"):
+        raise ValueError(f"unknown weight layout {layout!r}; expected 'conv', 'conv_transpose' or 'linear'")
+
+
+def _scaled_output_f64(w: Tensor, s: Tensor, layout: Layout, groups: int) -> Tensor:
+    """``w`` (float64) with output channel ``o`` multiplied by ``s[o]``."""
+    kernel = (1,) * (w.dim() - 2)
     if layout == "conv_transpose":
-        return (groups, 1, weight_shape[1], *kernel)
+        # (in, out/groups, *k): output channel o = group * (out/groups) + j
+        grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+        return (grouped * s.reshape(groups, 1, w.shape[1], *kernel)).reshape(w.shape)
+    return w * s.reshape(-1, *([1] * (w.dim() - 1)))
+
+
+def _scaled_input_f64(w: Tensor, s: Tensor, layout: Layout, groups: int) -> Tensor:
+    """``w`` (float64) with input feature ``i`` multiplied by ``s[i]``.
+
+    A Linear whose input is a flattened (C, *spatial) map has ``C * r`` input features for ``C`` scales:
+    feature ``f`` belongs to channel ``f // r``.
+    """
+    kernel = (1,) * (w.dim() - 2)
     if layout == "linear":
-        return (-1, 1)
-    raise ValueError(f"unknown weight layout {layout!r}; expected 'conv', 'conv_transpose' or 'linear'")
+        repeat = w.shape[1] // s.numel()
+        return w * s.repeat_interleave(repeat).reshape(1, -1)
+    if layout == "conv_transpose":
+        return w * s.reshape(-1, 1, *kernel)
+    # (out, in/groups, *k): input channel = group * (in/groups) + i, for the outputs of that group
+    grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+    return (grouped * s.reshape(groups, 1, w.shape[1], *kernel)).reshape(w.shape)
+
+
+def _per_output_sum_f64(w: Tensor, layout: Layout, groups: int) -> Tensor:
+    """Sum a (scaled) weight over everything but its output channels: the response to a constant input."""
+    if layout == "conv_transpose":
+        grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+        dims = (1, *range(3, grouped.dim()))
+        return grouped.sum(dim=dims).reshape(-1)
+    return w.reshape(w.shape[0], -1).sum(dim=1)
 
 
 def scale_output_channels(weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1) -> Tensor:
@@ -79,17 +121,35 @@ def scale_output_channels(weight: Tensor, scale: Tensor, layout: Layout, groups:
     >>> scale_output_channels(w, torch.tensor([1.0, 2.0, 3.0]), "linear")[:, 0].tolist()
     [1.0, 2.0, 3.0]
     """
+    _check_layout(layout)
     device = _work_device(weight)
-    w = _f64(weight, device)
-    s = _f64(scale, device)
-    shape = _output_axis_shape(layout, weight.shape, groups)
-    if layout == "conv_transpose":
-        in_channels = weight.shape[0]
-        grouped = w.reshape(groups, in_channels // groups, *weight.shape[1:])
-        out = (grouped * s.reshape(shape)).reshape(weight.shape)
-    else:
-        out = w * s.reshape(shape)
+    out = _scaled_output_f64(_f64(weight, device), _f64(scale, device), layout, groups)
     return out.to(device=weight.device, dtype=weight.dtype)
+
+
+def scale_input_channels(weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1) -> Tensor:
+    """Return ``weight`` with each input channel multiplied by ``scale`` (float64 math, weight's dtype).
+
+    >>> w = torch.ones(1, 4)
+    >>> scale_input_channels(w, torch.tensor([1.0, 2.0]), "linear").tolist()  # 2 channels x 2 positions
+    [[1.0, 1.0, 2.0, 2.0]]
+    """
+    _check_layout(layout)
+    device = _work_device(weight)
+    out = _scaled_input_f64(_f64(weight, device), _f64(scale, device), layout, groups)
+    return out.to(device=weight.device, dtype=weight.dtype)
+
+
+def input_shift_response(weight: Tensor, shift: Tensor, layout: Layout, groups: int = 1) -> Tensor:
+    """The float64 per-output-channel response of the layer (without bias) to the constant input ``shift``.
+
+    >>> input_shift_response(torch.ones(2, 3), torch.tensor([1.0, 2.0, 3.0]), "linear").tolist()
+    [6.0, 6.0]
+    """
+    _check_layout(layout)
+    device = _work_device(weight)
+    scaled = _scaled_input_f64(_f64(weight, device), _f64(shift, device), layout, groups)
+    return _per_output_sum_f64(scaled, layout, groups)
 
 
 def fold_bias(bias: Tensor | None, scale: Tensor, shift: Tensor, like: Tensor) -> Tensor:
@@ -121,3 +181,24 @@ def fold_backward(
     ([2.0, 3.0], [1.0, 1.0])
     """
     return scale_output_channels(weight, scale, layout, groups), fold_bias(bias, scale, shift, weight)
+
+
+def fold_forward(
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    layout: Layout,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fold ``layer(scale * x + shift)`` into the layer's ``(weight, bias)``: the weight is scaled along its
+    input channels and the bias gains the layer's response to ``shift``. Exact only when every output sees
+    a full receptive field of real inputs (no zero padding); the planner checks that.
+
+    >>> w, b = fold_forward(torch.ones(1, 2), None, torch.tensor([2.0, 3.0]), torch.ones(2), "linear")
+    >>> w.tolist(), b.tolist()
+    ([[2.0, 3.0]], [2.0])
+    """
+    response = input_shift_response(weight, shift, layout, groups)
+    ones = torch.ones_like(response)
+    return scale_input_channels(weight, scale, layout, groups), fold_bias(bias, ones, response, weight)

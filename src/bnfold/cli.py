@@ -486,7 +486,8 @@ def _plan_rows(found: Any) -> list[dict[str, Any]]:
             "name": row.norm,
             "type": row.norm_type,
             "decision": row.decision,
-            "partner": getattr(row, "producer", None) or getattr(row, "partner", None),
+            "partner": row.partner,
+            "partners": list(getattr(row, "partners", ())),
             "direction": getattr(row, "direction", None),
             "reason": getattr(row, "reason", None),
         }

@@ -72,6 +72,19 @@ class DataFlowGraph:
     foreign_uses: dict[int, str] = field(default_factory=dict)
     traced_with: str = "example_inputs"
     reference_outputs: Any = None
+    # execution tracing: the storage root (base tensor) of each value, and the last version each root reached
+    roots: dict[ValueKey, int] = field(default_factory=dict)
+    final_versions: dict[int, int] = field(default_factory=dict)
+
+    def changed_later(self, key: ValueKey, reader: int) -> bool:
+        """Whether the tensor behind ``key`` may be changed in place after ``reader`` read it (through it
+        or any view of the same storage). Symbolic traces cannot tell: any other reader counts."""
+        if self.traced_with != "example_inputs":
+            return any(i != reader for i in self.consumers.get(key, []))
+        root = self.roots.get(key)
+        if root is None or not isinstance(key, tuple):
+            return True
+        return self.final_versions.get(root, 0) > key[1]
 
     @property
     def has_shapes(self) -> bool:
@@ -236,12 +249,30 @@ class _ExecutionTracer(TorchFunctionMode):
                     self.owned[id(t)] = module
 
     # -- value keys -------------------------------------------------------------------------------
-    def key(self, t: Tensor) -> ValueKey:
+    def serial(self, t: Tensor) -> int:
         entry = self.serials.get(id(t))
         if entry is None or entry[0]() is not t:
             entry = (weakref.ref(t), next(self.counter))
             self.serials[id(t)] = entry
-        return (entry[1], t._version)
+        return entry[1]
+
+    def key(self, t: Tensor) -> ValueKey:
+        version = t._version
+        key = (self.serial(t), version)
+        # views share their base's version counter: track versions per storage root
+        base = t._base
+        root = self.serial(base if base is not None else t)
+        self.graph.roots[key] = root
+        if self.graph.final_versions.get(root, -1) < version:
+            self.graph.final_versions[root] = version
+        return key
+
+    def settle_versions(self) -> None:
+        """Record the last version of every storage root still alive after the forward pass."""
+        for ref, serial in list(self.serials.values()):
+            t = ref()
+            if t is not None and serial in self.graph.final_versions:
+                self.graph.final_versions[serial] = max(self.graph.final_versions[serial], t._version)
 
     def keys(self, obj: Any) -> tuple[list[ValueKey], list[int | None]]:
         tensors = list(iter_tensors(obj))
@@ -336,6 +367,7 @@ def trace_execution(
                 ) from error
             out_keys, out_ndims = tracer.keys(output)
             tracer.graph.add("output", "<outputs>", None, out_keys, [], out_ndims, None)
+            tracer.settle_versions()
             tracer.graph.reference_outputs = detached_copy(output)
     finally:
         for handle in handles:

@@ -2,37 +2,55 @@
 
 The plan is the one piece of data every later step reads: the sites to fold
 and the norms kept, each with its reason in words. Building it changes nothing.
+
+Each norm is first tried backward (into the layer that feeds it, always exact),
+then forward (into every layer that reads it, exact when none of them pads its
+input with zeros).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize, prune
 
-from .graph import Call, DataFlowGraph
-from .rules import FoldRule, RuleTable, is_norm_layer, layer_type, require_tensor, tensor_attr, unfoldable_reason
+from .graph import Call, DataFlowGraph, ValueKey
+from .rules import (
+    Direction,
+    FoldRule,
+    RuleTable,
+    is_norm_layer,
+    layer_type,
+    require_tensor,
+    tensor_attr,
+    unfoldable_reason,
+)
 
-__all__ = ["FoldSite", "KeptNorm", "FoldPlan", "make_plan", "producer_types", "norm_types"]
+__all__ = ["FoldSite", "KeptNorm", "FoldPlan", "make_plan", "layer_types", "norm_types"]
 
 TRAINING_REASON_PREFIX = "in training mode"
 
 
 @dataclass(frozen=True)
 class FoldSite:
-    """A norm layer that folds into its partner layer."""
+    """A norm layer that folds into its partner layer(s): the layer before it (``backward``) or every layer
+    that reads it (``forward``)."""
 
     norm: str
     norm_type: str
-    producer: str
-    producer_type: str
-    direction: Literal["backward"] = "backward"
+    partners: tuple[str, ...]
+    partner_types: tuple[str, ...]
+    direction: Direction = "backward"
 
     @property
     def decision(self) -> str:
         return "folded"
+
+    @property
+    def partner(self) -> str:
+        return ", ".join(self.partners)
 
 
 @dataclass(frozen=True)
@@ -56,8 +74,8 @@ class FoldPlan:
     >>> import torch, bnfold
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     >>> p = bnfold.plan(m, torch.randn(1, 3, 8, 8))
-    >>> [(s.norm, s.producer) for s in p.sites]
-    [('1', '0')]
+    >>> [(s.norm, s.partners, s.direction) for s in p.sites]
+    [('1', ('0',), 'backward')]
     """
 
     model_type: str
@@ -74,17 +92,38 @@ class FoldPlan:
         return [by_name[name] for name in self.order]
 
     def __str__(self) -> str:
-        from .report import render_plan
+        from .report import render_plan  # report imports this module
 
         return render_plan(self)
 
 
-def producer_types(rules: RuleTable) -> set[type[nn.Module]]:
-    return {producer for producer, _ in rules}
+def layer_types(rules: RuleTable) -> set[type[nn.Module]]:
+    return {layer for layer, _, _ in rules}
 
 
 def norm_types(rules: RuleTable) -> set[type[nn.Module]]:
-    return {norm for _, norm in rules}
+    return {norm for _, norm, _ in rules}
+
+
+class _Kept(Exception):  # noqa: N818 - control flow inside the planner, never raised to users
+    """Internal: a reason to keep the norm, with the partner it concerns."""
+
+    def __init__(self, reason: str, partner: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.partner = partner
+
+
+@dataclass
+class _Context:
+    model: nn.Module
+    graph: DataFlowGraph
+    rules: RuleTable
+    names: dict[int, str] = field(default_factory=dict)
+    owners: dict[int, list[str]] = field(default_factory=dict)
+
+    def name(self, module: nn.Module) -> str:
+        return self.names.get(id(module), "?")
 
 
 def _fixed_input_ndim(norm: nn.Module) -> int | None:
@@ -93,197 +132,311 @@ def _fixed_input_ndim(norm: nn.Module) -> int | None:
         return 4
     if isinstance(norm, nn.BatchNorm3d):
         return 5
-    running_mean = getattr(norm, "running_mean", None)
-    if not isinstance(norm, nn.modules.batchnorm._NormBase) and running_mean is not None and hasattr(norm, "eps"):
+    if not isinstance(norm, nn.modules.batchnorm._NormBase) and tensor_attr(norm, "running_mean") is not None:
         return 4  # frozen 2d batch norms (torchvision, timm) reshape their buffers to (1, C, 1, 1)
     return None
 
 
-def _producer_channels(producer: nn.Module, rule: FoldRule) -> int:
-    weight = require_tensor(producer, "weight")
+def _out_channels(layer: nn.Module, rule: FoldRule) -> int:
+    weight = require_tensor(layer, "weight")
     if rule.weight_layout == "conv_transpose":
-        return int(weight.shape[1]) * int(getattr(producer, "groups", 1))
+        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
     return int(weight.shape[0])
 
 
-def _producer_channel_axis(producer: nn.Module, rule: FoldRule, output_ndim: int) -> int:
+def _in_channels(layer: nn.Module, rule: FoldRule) -> int:
+    weight = require_tensor(layer, "weight")
+    if rule.weight_layout == "conv":
+        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
+    if rule.weight_layout == "conv_transpose":
+        return int(weight.shape[0])
+    return int(weight.shape[1])
+
+
+def _channel_axis(layer: nn.Module, rule: FoldRule, ndim: int) -> int:
+    """The channel axis of a layer's input or output of rank ``ndim`` (convs accept unbatched input)."""
     if rule.weight_layout == "linear":
-        return output_ndim - 1
-    kernel_dims = require_tensor(producer, "weight").dim() - 2
-    return 1 if output_ndim == kernel_dims + 2 else 0
+        return ndim - 1
+    return 1 if ndim == require_tensor(layer, "weight").dim() else 0
 
 
-def _pre_hook_reason(producer: nn.Module) -> str | None:
-    for hook in list(producer._forward_pre_hooks.values()):
+def _pre_hook_reason(layer: nn.Module) -> str | None:
+    for hook in list(layer._forward_pre_hooks.values()):
         if isinstance(hook, prune.BasePruningMethod):
             if getattr(hook, "_tensor_name", None) == "weight":
                 continue
             return f"its {hook._tensor_name} is pruned (torch.nn.utils.prune); folding would not keep the mask"
         if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == "weight":
             continue
-        return (
-            f"it has a forward pre-hook ({getattr(hook, '__qualname__', type(hook).__name__)}) that bnfold does "
-            "not know; it might rewrite the weight"
-        )
+        name = getattr(hook, "__qualname__", type(hook).__name__)
+        return f"it has a forward pre-hook ({name}) that bnfold does not know; it might rewrite the weight"
     return None
 
 
-def _shared_parameter_reason(producer: nn.Module, owners: dict[int, list[str]], name: str) -> str | None:
-    for t in producer.parameters():
-        others = [o for o in owners.get(id(t), []) if o != name and not o.startswith(name + ".")]
+def _layer_reason(layer: nn.Module, ctx: _Context) -> str | None:
+    """Why no norm may fold into ``layer`` at all, whatever the direction."""
+    name = ctx.name(layer)
+    calls = len(ctx.graph.calls_of(layer))
+    if calls > 1:
+        return f"'{name}' is called {calls} times in one forward pass (shared weights)"
+    if id(layer) in ctx.graph.foreign_uses:
+        return f"the parameters of '{name}' are also used outside it (by {ctx.graph.foreign_uses[id(layer)]})"
+    for t in layer.parameters():
+        others = [o for o in ctx.owners.get(id(t), []) if o != name and not o.startswith(name + ".")]
         if others:
-            return f"its parameters are shared with '{others[0]}'"
+            return f"'{name}': its parameters are shared with '{others[0]}'"
+    if len(layer._forward_hooks) > 0:
+        return f"'{name}' has forward hooks that would see the folded output"
+    hook_reason = _pre_hook_reason(layer)
+    if hook_reason:
+        return f"'{name}': {hook_reason}"
+    weight = tensor_attr(layer, "weight")
+    if weight is None or not weight.is_floating_point():
+        return f"'{name}' has no floating-point weight to fold into"
     return None
 
 
-def _backward_reason(
-    norm: nn.Module,
-    norm_call: Call,
-    graph: DataFlowGraph,
-    model_names: dict[int, str],
-    rules: RuleTable,
-    owners: dict[int, list[str]],
-) -> tuple[str | None, str | None, FoldRule | None]:
-    """(reason kept or None, partner name, rule) for folding ``norm`` into the layer that feeds it."""
-    if not norm_call.inputs:
-        return "it was called without a tensor input", None, None
-    value = norm_call.inputs[0]
-    source_index = graph.producer.get(value)
-    if source_index is None:
-        return (
-            "its input is not produced by any layer bnfold saw (a model input, or a tensor changed in place)",
-            None,
-            None,
-        )
-    source = graph.calls[source_index]
-    if source.kind == "input":
-        return "its input is a model input: there is no layer before it to fold into", None, None
-    if source.kind != "module" or source.module is None:
-        return (
-            f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer",
-            source.target,
-            None,
-        )
-    producer = source.module
-    pname = model_names.get(id(producer), source.target)
-    ptype = layer_type(producer).__name__
-    rule = rules.get((layer_type(producer), layer_type(norm)))
+def _rule_for(layer: nn.Module, norm: nn.Module, direction: Direction, ctx: _Context) -> FoldRule:
+    rule = ctx.rules.get((layer_type(layer), layer_type(norm), direction))
     if rule is None:
-        return (
-            f"it is fed by '{pname}' ({ptype}), and there is no fold rule for {ptype} -> {type(norm).__name__}",
-            pname,
-            None,
+        ltype = layer_type(layer).__name__
+        where = "is fed by" if direction == "backward" else "feeds"
+        raise _Kept(
+            f"it {where} '{ctx.name(layer)}' ({ltype}), and there is no {direction} fold rule for "
+            f"{ltype} {'->' if direction == 'backward' else '<-'} {layer_type(norm).__name__}",
+            ctx.name(layer),
         )
     reason = rule.check(norm)
     if reason:
-        return reason, pname, None
-    producer_calls = len(graph.calls_of(producer))
-    if producer_calls > 1:
-        return f"'{pname}' is called {producer_calls} times in one forward pass (shared weights)", pname, None
-    others = [graph.calls[i] for i in graph.consumers.get(value, []) if i != norm_call.index]
+        raise _Kept(reason, ctx.name(layer))
+    reason = _layer_reason(layer, ctx)
+    if reason:
+        raise _Kept(reason, ctx.name(layer))
+    return rule
+
+
+def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
+    """Fold into the layer that produces the norm's input, or raise _Kept."""
+    graph = ctx.graph
+    if not call.inputs:
+        raise _Kept("it was called without a tensor input")
+    value = call.inputs[0]
+    source_index = graph.producer.get(value)
+    if source_index is None:
+        raise _Kept("its input is not produced by any layer bnfold saw (a tensor changed in place, or a constant)")
+    source = graph.calls[source_index]
+    if source.kind == "input":
+        raise _Kept("its input is a model input: there is no layer before it to fold into")
+    if source.kind != "module" or source.module is None:
+        raise _Kept(f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target)
+    layer = source.module
+    name = ctx.name(layer)
+    rule = _rule_for(layer, norm, "backward", ctx)
+    others = [graph.calls[i] for i in graph.consumers.get(value, []) if i != call.index]
     if others:
-        other = others[0]
-        where = "the model's outputs" if other.kind == "output" else f"'{other.target}'"
-        return f"the output of '{pname}' also feeds {where}: folding would change what that sees", pname, None
+        where = "the model's outputs" if others[0].kind == "output" else f"'{others[0].target}'"
+        raise _Kept(f"the output of '{name}' also feeds {where}: folding would change what that sees", name)
     if len(source.outputs) != 1:
-        return f"'{pname}' returns several tensors", pname, None
-    if id(producer) in graph.foreign_uses:
-        return (
-            f"the parameters of '{pname}' are also used outside it (by {graph.foreign_uses[id(producer)]})",
-            pname,
-            None,
-        )
-    shared = _shared_parameter_reason(producer, owners, pname)
-    if shared:
-        return f"'{pname}': {shared}", pname, None
-    if len(producer._forward_hooks) > 0:
-        return f"'{pname}' has forward hooks that would see the folded output", pname, None
-    hook_reason = _pre_hook_reason(producer)
-    if hook_reason:
-        return f"'{pname}': {hook_reason}", pname, None
-    weight = tensor_attr(producer, "weight")
-    if weight is None or not weight.is_floating_point():
-        return f"'{pname}' has no floating-point weight to fold into", pname, None
-    scale, _ = rule.affine(norm)
-    if scale.numel() != _producer_channels(producer, rule):
-        return f"it has {scale.numel()} channels but '{pname}' makes {_producer_channels(producer, rule)}", pname, None
+        raise _Kept(f"'{name}' returns several tensors", name)
+    channels = rule.affine(norm)[0].numel()
+    if channels != _out_channels(layer, rule):
+        raise _Kept(f"it has {channels} channels but '{name}' makes {_out_channels(layer, rule)}", name)
     if graph.has_shapes:
-        out_ndim = source.output_ndims[0]
-        in_ndim = norm_call.input_ndims[0]
+        out_ndim, in_ndim = source.output_ndims[0], call.input_ndims[0]
         if out_ndim is None or in_ndim is None:
-            return "the shape of its input is unknown", pname, None
-        if rule.channel_axis(norm, in_ndim) != _producer_channel_axis(producer, rule, out_ndim):
-            return (
-                (
-                    f"it normalizes axis {rule.channel_axis(norm, in_ndim)} of its input, but the output channels of "
-                    f"'{pname}' are axis {_producer_channel_axis(producer, rule, out_ndim)}"
-                ),
-                pname,
-                None,
+            raise _Kept("the shape of its input is unknown", name)
+        norm_axis, layer_axis = rule.channel_axis(norm, in_ndim), _channel_axis(layer, rule, out_ndim)
+        if norm_axis != layer_axis:
+            raise _Kept(
+                f"it normalizes axis {norm_axis} of its input, but the output channels of '{name}' are axis {layer_axis}",
+                name,
             )
     else:
-        fixed = _fixed_input_ndim(norm)
-        producer_rank = weight.dim() if rule.weight_layout != "linear" else None
-        same_kind_instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm) and producer_rank is not None
-        if not same_kind_instance and (fixed is None or producer_rank is None or fixed != producer_rank):
+        _symbolic_rank_check(norm, layer, rule, name, flattened=False)
+    if parametrize.is_parametrized(layer, "bias") and tensor_attr(layer, "bias") is None:
+        raise _Kept(f"'{name}' has a parametrized bias that is None", name)
+    return FoldSite(ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward")
+
+
+def _symbolic_rank_check(norm: nn.Module, layer: nn.Module, rule: FoldRule, name: str, flattened: bool) -> None:
+    """Without example inputs there are no shapes: fold only where the types alone fix the channel axis."""
+    if flattened and rule.weight_layout == "linear":
+        return  # Flatten(1, -1) of a (N, C, ...) norm output: C is the outer index of the features
+    weight_rank = require_tensor(layer, "weight").dim() if rule.weight_layout != "linear" else None
+    if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and weight_rank is not None:
+        return  # InstanceNormNd and ConvNd accept the same (batched or unbatched) ranks
+    fixed = _fixed_input_ndim(norm)
+    if fixed is None or weight_rank is None or fixed != weight_rank:
+        raise _Kept(
+            f"without example_inputs bnfold cannot tell whether it normalizes the channels of '{name}'; "
+            "pass example_inputs",
+            name,
+        )
+
+
+def _is_transparent(module: nn.Module) -> bool:
+    """Modules that are the identity on values in their current mode (Flatten is handled separately)."""
+    return isinstance(module, nn.Identity) or (isinstance(module, _DropoutNd) and not module.training)
+
+
+def _is_full_flatten(module: nn.Module) -> bool:
+    return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+
+
+def _padding_reason(layer: nn.Module, rule: FoldRule, name: str) -> str | None:
+    """Forward folding is exact only when no output reads padded zeros (they live in the norm's output
+    space, where the folded layer would see them as a different value)."""
+    padding = getattr(layer, "_reversed_padding_repeated_twice", None)
+    padded = padding is not None and any(int(p) != 0 for p in padding)
+    mode = getattr(layer, "padding_mode", "zeros")
+    if rule.weight_layout == "conv" and padded and mode == "zeros":
+        return (
+            f"'{name}' pads its input with zeros (padding={getattr(layer, 'padding', None)}): the padded zeros "
+            "would not pass through the folded norm, so folding it there is not exact"
+        )
+    if rule.weight_layout == "conv_transpose":
+        kernel = tuple(getattr(layer, "kernel_size", ()))
+        stride = tuple(getattr(layer, "stride", ()))
+        pad = tuple(getattr(layer, "padding", ()))
+        dilation = tuple(getattr(layer, "dilation", ()))
+        out_pad = tuple(getattr(layer, "output_padding", ()))
+        full = all(s == 1 for s in stride) and all(
+            p == d * (k - 1) for p, d, k in zip(pad, dilation, kernel, strict=True)
+        ) and all(o == 0 for o in out_pad)
+        if not full:
             return (
-                (
-                    "without example_inputs bnfold cannot tell whether it normalizes the output channels of "
-                    f"'{pname}'; pass example_inputs"
-                ),
-                pname,
-                None,
+                f"'{name}' is a ConvTranspose whose outputs see different numbers of inputs (stride or border), "
+                "so the norm's shift would not become a per-channel bias"
             )
-    if parametrize.is_parametrized(producer, "bias") and getattr(producer, "bias", None) is None:
-        return f"'{pname}' has a parametrized bias that is None", pname, None
-    return None, pname, rule
+    return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return len(module._forward_hooks) > 0 or len(module._forward_pre_hooks) > 0
+def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
+    """Fold into every layer that reads the norm's output, or raise _Kept."""
+    graph = ctx.graph
+    if len(call.outputs) != 1 or not call.inputs:
+        raise _Kept("it does not map one tensor to one tensor")
+    if graph.changed_later(call.inputs[0], call.index):
+        raise _Kept(
+            "its input is changed in place or read elsewhere later in the forward pass; after folding the "
+            "next layer would read that tensor itself"
+        )
+    in_ndim = call.input_ndims[0]
+    partners: list[nn.Module] = []
+    frontier: list[tuple[ValueKey, bool]] = [(call.outputs[0], False)]
+    seen: set[int] = set()
+    while frontier:
+        value, flattened = frontier.pop()
+        readers = graph.consumers.get(value, [])
+        if not readers:
+            raise _Kept("its output is not read by any layer")
+        for index in readers:
+            reader = graph.calls[index]
+            if reader.kind == "output":
+                raise _Kept("its output is also a model output")
+            if reader.kind != "module" or reader.module is None:
+                raise _Kept(f"its output goes to '{reader.target}', which it cannot fold into", reader.target)
+            module = reader.module
+            if index in seen:
+                continue
+            seen.add(index)
+            if reader.inputs.count(value) != 1 or reader.inputs[0] != value or len(reader.outputs) != 1:
+                raise _Kept(f"'{ctx.name(module)}' reads its output in a way bnfold cannot follow", ctx.name(module))
+            if _is_transparent(module) or _is_full_flatten(module):
+                if len(graph.calls_of(module)) > 1:
+                    raise _Kept(f"'{ctx.name(module)}' is called more than once", ctx.name(module))
+                frontier.append((reader.outputs[0], flattened or _is_full_flatten(module)))
+                continue
+            _check_forward_partner(norm, module, reader, flattened, in_ndim, ctx)
+            partners.append(module)
+    names = tuple(ctx.name(p) for p in partners)
+    return FoldSite(ctx.name(norm), layer_type(norm).__name__, names, tuple(layer_type(p).__name__ for p in partners), "forward")
+
+
+def _check_forward_partner(
+    norm: nn.Module, layer: nn.Module, reader: Call, flattened: bool, norm_in_ndim: int | None, ctx: _Context
+) -> None:
+    name = ctx.name(layer)
+    rule = _rule_for(layer, norm, "forward", ctx)
+    reason = _padding_reason(layer, rule, name)
+    if reason:
+        raise _Kept(reason, name)
+    channels = rule.affine(norm)[0].numel()
+    in_features = _in_channels(layer, rule)
+    if flattened and rule.weight_layout == "linear":
+        if in_features % channels:
+            raise _Kept(f"'{name}' reads {in_features} features, not a whole number per channel of its {channels}", name)
+    elif in_features != channels:
+        raise _Kept(f"it has {channels} channels but '{name}' reads {in_features}", name)
+    if ctx.graph.has_shapes:
+        layer_ndim = reader.input_ndims[0]
+        if norm_in_ndim is None or layer_ndim is None:
+            raise _Kept("the shape of its output is unknown", name)
+        norm_axis = rule.channel_axis(norm, norm_in_ndim)
+        if flattened:
+            ok = norm_axis == 1 and layer_ndim == 2 and rule.weight_layout == "linear"
+        else:
+            ok = norm_in_ndim == layer_ndim and norm_axis == _channel_axis(layer, rule, layer_ndim)
+        if not ok:
+            raise _Kept(f"it normalizes axis {norm_axis}, which is not the axis of the input channels of '{name}'", name)
+    else:
+        _symbolic_rank_check(norm, layer, rule, name, flattened)
 
 
 def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldPlan:
     """Decide, for every norm layer of ``model``, whether and where it folds."""
-    names: dict[int, str] = {}
-    owners: dict[int, list[str]] = {}
+    ctx = _Context(model, graph, rules)
     for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), name)
+        ctx.names.setdefault(id(module), name)
     for name, module in model.named_modules():
         for t in module.parameters(recurse=False):
-            owners.setdefault(id(t), []).append(name)
+            ctx.owners.setdefault(id(t), []).append(name)
 
     sites: list[FoldSite] = []
     kept: list[KeptNorm] = []
     order: list[str] = []
-    claimed: dict[int, str] = {}  # producer id -> norm already folding into it
+    claimed: dict[tuple[str, str], str] = {}  # (layer, direction) -> norm already folding into it
     for name, norm in model.named_modules():
         if not is_norm_layer(norm, rules):
             continue
         order.append(name)
-        ntype = layer_type(norm).__name__
-        reason = unfoldable_reason(norm, rules)
-        partner: str | None = None
-        rule = None
-        calls = [i for i in graph.calls_of(norm)]
-        if reason is None:
-            if not calls:
-                reason = "it is not called in the forward pass"
-            elif len(calls) > 1:
-                reason = f"it is called {len(calls)} times in one forward pass (shared)"
-            elif _has_hooks(norm):
-                reason = "it has forward hooks, which would be lost"
-            elif calls[0] < 0:
-                reason = "it runs inside another layer bnfold treats as a whole"
-            else:
-                reason, partner, rule = _backward_reason(norm, graph.calls[calls[0]], graph, names, rules, owners)
-        if reason is None and rule is not None and partner is not None:
-            producer_id = id(model.get_submodule(partner))
-            if producer_id in claimed:
-                reason = f"'{partner}' already takes '{claimed[producer_id]}'"
-            else:
-                claimed[producer_id] = name
-                sites.append(FoldSite(name, ntype, partner, rule.producer.__name__))
-                continue
-        kept.append(KeptNorm(name, ntype, reason or "no rule applies", partner))
+        try:
+            site = _decide(norm, ctx)
+            for partner in site.partners:
+                if (partner, site.direction) in claimed:
+                    raise _Kept(f"'{partner}' already takes '{claimed[(partner, site.direction)]}'", partner)
+            for partner in site.partners:
+                claimed[(partner, site.direction)] = name
+            sites.append(site)
+        except _Kept as keep:
+            kept.append(KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner))
     return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))
+
+
+def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
+    reason = unfoldable_reason(norm, ctx.rules)
+    if reason:
+        raise _Kept(reason)
+    calls = ctx.graph.calls_of(norm)
+    if not calls:
+        raise _Kept("it is not called in the forward pass")
+    if len(calls) > 1:
+        raise _Kept(f"it is called {len(calls)} times in one forward pass (shared)")
+    if len(norm._forward_hooks) > 0 or len(norm._forward_pre_hooks) > 0:
+        raise _Kept("it has forward hooks, which would be lost")
+    if calls[0] < 0:
+        raise _Kept("it runs inside another layer bnfold treats as a whole")
+    norm_rules = [rule for key, rule in ctx.rules.items() if key[1] is layer_type(norm)]
+    own_reason = norm_rules[0].check(norm) if norm_rules else None
+    if own_reason:
+        raise _Kept(own_reason)
+    call = ctx.graph.calls[calls[0]]
+    try:
+        return _backward(norm, call, ctx)
+    except _Kept as backward:
+        if not any(rule.direction == "forward" for rule in norm_rules):
+            raise
+        try:
+            return _forward(norm, call, ctx)
+        except _Kept as forward:
+            raise _Kept(f"{backward.reason}; forward: {forward.reason}", backward.partner or forward.partner) from None

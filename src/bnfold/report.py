@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .planning import FoldPlan
+from .planning import FoldPlan, FoldSite
 
 __all__ = ["FoldReport", "model_size", "render_plan", "render_report"]
 
@@ -66,7 +65,8 @@ class FoldReport:
                     "name": row.norm,
                     "type": row.norm_type,
                     "decision": row.decision,
-                    "partner": getattr(row, "producer", None) or getattr(row, "partner", None),
+                    "partner": row.partner,
+                    "partners": list(getattr(row, "partners", ())),
                     "direction": getattr(row, "direction", None),
                     "reason": getattr(row, "reason", None),
                 }
@@ -96,11 +96,11 @@ def render_plan(plan: FoldPlan) -> str:
     """The plan as an aligned table: one row per norm layer, then the totals."""
     rows = []
     for row in plan.rows:
-        if row.decision == "folded":
-            partner = f"<- {row.producer}"  # type: ignore[union-attr]
-            rows.append([row.norm, row.norm_type, "folded", partner, ""])
+        if isinstance(row, FoldSite):
+            arrow = "<-" if row.direction == "backward" else "->"
+            rows.append([row.norm, row.norm_type, "folded", f"{arrow} {row.partner}", ""])
         else:
-            rows.append([row.norm, row.norm_type, "kept", row.partner or "", row.reason])  # type: ignore[union-attr]
+            rows.append([row.norm, row.norm_type, "kept", row.partner or "", row.reason])
     head = f"{plan.model_type} (traced with {plan.traced_with}): {len(plan.sites)} norm layers folded, {len(plan.kept)} kept"
     if not rows:
         return head + "\n(no norm layers)"

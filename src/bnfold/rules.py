@@ -1,6 +1,6 @@
-"""The rule table: which (producer, norm) pairs fold, and how.
+"""The rule table: which (layer, norm) pairs fold, in which direction, and how.
 
-A plain dict keyed by exact type pairs, ``(producer type, norm type) -> FoldRule``,
+A plain dict keyed by exact types, ``(layer type, norm type, direction) -> FoldRule``,
 in the manner of PyTorch's fuser method mappings. A subclass never matches
 implicitly: timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` that also applies an
 activation, so it has rules of its own. Users teach bnfold new pairs by passing
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -26,6 +27,8 @@ __all__ = [
     "require_tensor",
     "FoldedNormAct",
     "RuleTable",
+    "RuleKey",
+    "Direction",
     "builtin_rules",
     "build_rules",
     "norm_affine",
@@ -138,38 +141,47 @@ _LAYOUTS: tuple[tuple[type[nn.Module], Layout], ...] = (
 )
 
 
-def _layout_of(producer: type[nn.Module]) -> Layout | None:
+def _layout_of(layer: type[nn.Module]) -> Layout | None:
     for base, layout in _LAYOUTS:
-        if issubclass(producer, base):
+        if issubclass(layer, base):
             return layout
     return None
 
 
+Direction = Literal["backward", "forward"]
+
+
 @dataclass(frozen=True)
 class FoldRule:
-    """How a norm of type ``norm`` folds into the layer of type ``producer`` that feeds it.
+    """How a norm of type ``norm`` folds into a layer of type ``layer``.
 
-    Types match exactly (a subclass needs its own rule). The producer must store ``weight`` (and
-    ``bias``, possibly ``None``) in the layout of a Conv, ConvTranspose or Linear layer; when the
-    producer subclasses one of those, ``layout`` is inferred.
+    ``direction="backward"``: the layer feeds the norm (``norm(layer(x))``), the usual case; the layer's
+    output channels are scaled. ``direction="forward"``: the norm feeds the layer (``layer(norm(x))``); the
+    layer's input channels are scaled and its bias absorbs the shift.
+
+    Types match exactly (a subclass needs its own rule). The layer must store ``weight`` (and ``bias``,
+    possibly ``None``) in the layout of a Conv, ConvTranspose or Linear layer; when it subclasses one of
+    those, ``layout`` is inferred.
 
     Args:
-        producer: the layer type whose output feeds the norm.
+        layer: the Conv/ConvTranspose/Linear-like layer type.
         norm: the norm type.
+        direction: ``"backward"`` (layer -> norm) or ``"forward"`` (norm -> layer).
         affine: ``norm -> (scale, shift)``, the per-channel affine map the norm applies (float64).
         check: ``norm -> reason | None``; a reason in words when this norm cannot fold right now.
         replacement: ``norm -> module`` that takes the norm's place once folded (``nn.Identity``).
         channel_axis: ``(norm, input_ndim) -> axis`` the norm normalizes over.
-        layout: ``"conv"``, ``"conv_transpose"`` or ``"linear"``; inferred from the producer's base.
+        layout: ``"conv"``, ``"conv_transpose"`` or ``"linear"``; inferred from the layer's base class.
 
     >>> class MyBN(nn.BatchNorm2d): ...
     >>> rule = FoldRule(nn.Conv2d, MyBN)
-    >>> rule.weight_layout
-    'conv'
+    >>> rule.weight_layout, rule.direction
+    ('conv', 'backward')
     """
 
-    producer: type[nn.Module]
+    layer: type[nn.Module]
     norm: type[nn.Module]
+    direction: Direction = "backward"
     affine: Callable[[nn.Module], tuple[Tensor, Tensor]] = field(default=norm_affine, compare=False)
     check: Callable[[nn.Module], str | None] = field(default=running_stats_reason, compare=False)
     replacement: Callable[[nn.Module], nn.Module] = field(default=identity_replacement, compare=False)
@@ -177,29 +189,33 @@ class FoldRule:
     layout: Layout | None = None
 
     def __post_init__(self) -> None:
-        for label, value in (("producer", self.producer), ("norm", self.norm)):
+        for label, value in (("layer", self.layer), ("norm", self.norm)):
             if not (isinstance(value, type) and issubclass(value, nn.Module)):
                 raise TypeError(f"FoldRule.{label} must be an nn.Module subclass, got {value!r}")
-        if self.layout is None and _layout_of(self.producer) is None:
-            raise ValueError(
-                f"FoldRule cannot infer how {self.producer.__name__} stores its weight; "
-                "pass layout='conv', 'conv_transpose' or 'linear'"
-            )
+        if self.direction not in ("backward", "forward"):
+            raise ValueError(f"FoldRule.direction must be 'backward' or 'forward', got {self.direction!r}")
         if self.layout not in (None, "conv", "conv_transpose", "linear"):
             raise ValueError(f"FoldRule.layout must be 'conv', 'conv_transpose' or 'linear', got {self.layout!r}")
+        if self.layout is None and _layout_of(self.layer) is None:
+            raise ValueError(
+                f"FoldRule cannot infer how {self.layer.__name__} stores its weight; "
+                "pass layout='conv', 'conv_transpose' or 'linear'"
+            )
 
     @property
     def weight_layout(self) -> Layout:
-        layout = self.layout or _layout_of(self.producer)
-        assert layout is not None  # checked in __post_init__
+        layout = self.layout or _layout_of(self.layer)
+        if layout is None:  # unreachable: __post_init__ rejects it
+            raise ValueError(f"no weight layout for {self.layer.__name__}")
         return layout
 
     @property
-    def key(self) -> tuple[type[nn.Module], type[nn.Module]]:
-        return (self.producer, self.norm)
+    def key(self) -> RuleKey:
+        return (self.layer, self.norm, self.direction)
 
 
-RuleTable = Mapping[tuple[type[nn.Module], type[nn.Module]], FoldRule]
+RuleKey = tuple[type[nn.Module], type[nn.Module], str]
+RuleTable = Mapping[RuleKey, FoldRule]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -207,32 +223,36 @@ _BATCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-def builtin_rules() -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
-    """The rules bnfold knows: Conv/ConvTranspose (1d/2d/3d) and Linear followed by a BatchNorm
-    relative whose statistics are fixed in inference mode."""
+def builtin_rules() -> dict[RuleKey, FoldRule]:
+    """The rules bnfold knows: a BatchNorm relative whose statistics are fixed in inference mode, after
+    (backward) or before (forward) a Conv/ConvTranspose (1d/2d/3d) or Linear layer."""
     rules: list[FoldRule] = []
+    frozen = compat.frozen_batchnorm_types()
     for dims in (1, 2, 3):
-        producers = (_CONV[dims], _CONV_T[dims])
-        for producer in producers:
-            rules.append(FoldRule(producer, _BATCH[dims]))
-            rules.append(FoldRule(producer, _INSTANCE[dims], channel_axis=instance_channel_axis))
-            rules.append(FoldRule(producer, nn.SyncBatchNorm))
-        if dims == 2:
-            for producer in producers:
-                for frozen in compat.frozen_batchnorm_types():
-                    rules.append(FoldRule(producer, frozen, check=no_reason))
+        for layer in (_CONV[dims], _CONV_T[dims]):
+            directions: tuple[Direction, ...] = ("backward", "forward")
+            for d in directions:
+                rules.append(FoldRule(layer, _BATCH[dims], d))
+                rules.append(FoldRule(layer, _INSTANCE[dims], d, channel_axis=instance_channel_axis))
+                rules.append(FoldRule(layer, nn.SyncBatchNorm, d))
+                if dims == 2:
+                    rules.extend(FoldRule(layer, f, d, check=no_reason) for f in frozen)
+            if dims == 2:
+                # Norms that also apply an activation fold backward only: the activation sits between
+                # the norm and any layer after it.
                 for norm_act in compat.norm_act_types() + compat.sync_norm_act_types():
-                    rules.append(FoldRule(producer, norm_act, replacement=norm_act_replacement))
+                    rules.append(FoldRule(layer, norm_act, replacement=norm_act_replacement))
                 for frozen_act in compat.frozen_norm_act_types():
-                    rules.append(FoldRule(producer, frozen_act, check=no_reason, replacement=norm_act_replacement))
+                    rules.append(FoldRule(layer, frozen_act, check=no_reason, replacement=norm_act_replacement))
     rules.append(FoldRule(nn.Linear, nn.BatchNorm1d))
     rules.append(FoldRule(nn.Linear, nn.SyncBatchNorm))
+    # Forward into a Linear: directly (BatchNorm1d on (N, C)), or through a Flatten of a (N, C, ...) map.
+    for norm in (*_BATCH.values(), nn.SyncBatchNorm, *frozen):
+        rules.append(FoldRule(nn.Linear, norm, "forward", check=no_reason if norm in frozen else running_stats_reason))
     return {rule.key: rule for rule in rules}
 
 
-def build_rules(
-    extra_rules: Iterable[FoldRule] | None = None,
-) -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule]:
+def build_rules(extra_rules: Iterable[FoldRule] | None = None) -> dict[RuleKey, FoldRule]:
     """The built-in table plus ``extra_rules`` (which win over built-in rules for the same pair)."""
     table = builtin_rules()
     if extra_rules is None:
@@ -254,7 +274,7 @@ _STATISTICS_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn
 def is_norm_layer(module: nn.Module, rules: RuleTable) -> bool:
     """Whether ``module`` is a normalization layer that the plan should list."""
     kind = layer_type(module)
-    if any(kind is norm for _, norm in rules):
+    if any(kind is norm for _, norm, _ in rules):
         return True
     return isinstance(module, (_NormBase, *_STATISTICS_NORMS, *compat.frozen_batchnorm_types()))
 
@@ -266,9 +286,9 @@ def unfoldable_reason(module: nn.Module, rules: RuleTable) -> str | None:
         isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
     ):
         return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
-    if any(kind is norm for _, norm in rules):
+    if any(kind is norm for _, norm, _ in rules):
         return None
     return (
         f"no fold rule for {kind.__name__} (subclasses are never matched implicitly); "
-        "teach bnfold with extra_rules=[bnfold.FoldRule(producer_type, norm_type)]"
+        "teach bnfold with extra_rules=[bnfold.FoldRule(layer_type, norm_type)]"
     )

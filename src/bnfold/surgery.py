@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
-from .arithmetic import Layout, fold_bias, scale_output_channels
+from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_channels, scale_output_channels
 from .errors import FoldError
-from .planning import FoldPlan
-from .rules import RuleTable, layer_type, require_tensor, tensor_attr
+from .planning import FoldPlan, FoldSite
+from .rules import FoldRule, RuleTable, layer_type, require_tensor, tensor_attr
 
-__all__ = ["clone_model", "apply_plan", "Undo", "ChannelScale", "ChannelAffine"]
+__all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine"]
 
 Undo = list[Callable[[], None]]
 
@@ -49,16 +49,20 @@ def clone_model(model: nn.Module) -> nn.Module:
 
 
 class ChannelScale(nn.Module):
-    """A parametrization that multiplies a weight along its output channels (float64 scale kept)."""
+    """A parametrization that multiplies a weight along its output (``axis="output"``) or input channels."""
 
-    def __init__(self, scale: Tensor, layout: Layout, groups: int) -> None:
+    def __init__(self, scale: Tensor, layout: Layout, groups: int, axis: str = "output") -> None:
         super().__init__()
         self.register_buffer("scale", scale.detach().clone())
         self.layout: Layout = layout
         self.groups = groups
+        self.axis = axis
 
     def forward(self, weight: Tensor) -> Tensor:
-        return scale_output_channels(weight, require_tensor(self, "scale"), self.layout, self.groups)
+        scale = require_tensor(self, "scale")
+        if self.axis == "output":
+            return scale_output_channels(weight, scale, self.layout, self.groups)
+        return scale_input_channels(weight, scale, self.layout, self.groups)
 
 
 class ChannelAffine(nn.Module):
@@ -82,6 +86,17 @@ def _weight_hook(module: nn.Module, kind: str) -> Any:
     return None
 
 
+def effective_weight(layer: nn.Module) -> Tensor:
+    """The weight the layer computes with right now (through pruning masks and weight-norm hooks)."""
+    pruning = _weight_hook(layer, "prune")
+    if pruning is not None:
+        return cast(Tensor, pruning.apply_mask(layer))
+    weight_norm = _weight_hook(layer, "weight_norm")
+    if weight_norm is not None:
+        return cast(Tensor, weight_norm.compute_weight(layer))
+    return require_tensor(layer, "weight")
+
+
 def _copy_into(t: Tensor, value: Tensor, undo: Undo) -> None:
     old = t.detach().clone()
     with torch.no_grad():
@@ -94,6 +109,12 @@ def _copy_into(t: Tensor, value: Tensor, undo: Undo) -> None:
     undo.append(restore)
 
 
+def _set_attribute(module: nn.Module, name: str, value: Tensor, undo: Undo) -> None:
+    old = require_tensor(module, name)
+    setattr(module, name, value)
+    undo.append(lambda: setattr(module, name, old))
+
+
 def _append_parametrization(module: nn.Module, name: str, parametrization: nn.Module, undo: Undo) -> None:
     parametrize.register_parametrization(module, name, parametrization)
     plist = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[name])
@@ -104,49 +125,58 @@ def _append_parametrization(module: nn.Module, name: str, parametrization: nn.Mo
     undo.append(drop_last)
 
 
-def _write_weight(producer: nn.Module, scale: Tensor, layout: Layout, undo: Undo) -> None:
-    groups = int(getattr(producer, "groups", 1))
-    if parametrize.is_parametrized(producer, "weight"):
-        _append_parametrization(producer, "weight", ChannelScale(scale, layout, groups), undo)
+def _write_weight(layer: nn.Module, scale: Tensor, layout: Layout, axis: str, undo: Undo) -> None:
+    """Multiply the layer's weight by ``scale`` along ``axis`` ("output" or "input" channels)."""
+    groups = int(getattr(layer, "groups", 1))
+    scaled = scale_output_channels if axis == "output" else scale_input_channels
+    if parametrize.is_parametrized(layer, "weight"):
+        _append_parametrization(layer, "weight", ChannelScale(scale, layout, groups, axis), undo)
         return
-    pruning = _weight_hook(producer, "prune")
+    pruning = _weight_hook(layer, "prune")
     if pruning is not None:
         # A per-channel scale keeps zeros zero: fold into weight_orig and keep the mask.
-        orig = require_tensor(producer, "weight_orig")
-        _copy_into(orig, scale_output_channels(orig, scale, layout, groups), undo)
-        old_weight = require_tensor(producer, "weight")
-        producer.weight = pruning.apply_mask(producer)
-        undo.append(lambda: setattr(producer, "weight", old_weight))
+        orig = require_tensor(layer, "weight_orig")
+        _copy_into(orig, scaled(orig, scale, layout, groups), undo)
+        _set_attribute(layer, "weight", pruning.apply_mask(layer), undo)
         return
-    weight_norm = _weight_hook(producer, "weight_norm")
+    weight_norm = _weight_hook(layer, "weight_norm")
     if weight_norm is not None:
-        target = scale_output_channels(weight_norm.compute_weight(producer), scale, layout, groups)
-        _copy_into(require_tensor(producer, "weight_v"), target, undo)
-        _copy_into(require_tensor(producer, "weight_g"), torch.norm_except_dim(target, 2, weight_norm.dim), undo)
-        old_weight = require_tensor(producer, "weight")
-        producer.weight = weight_norm.compute_weight(producer)
-        undo.append(lambda: setattr(producer, "weight", old_weight))
+        # weight = g * v / |v|: with v = target and g = |target|, weight = target, whatever the norm's dim
+        target = scaled(weight_norm.compute_weight(layer), scale, layout, groups)
+        _copy_into(require_tensor(layer, "weight_v"), target, undo)
+        _copy_into(require_tensor(layer, "weight_g"), torch.norm_except_dim(target, 2, weight_norm.dim), undo)
+        _set_attribute(layer, "weight", weight_norm.compute_weight(layer), undo)
         return
-    weight = require_tensor(producer, "weight")
-    _copy_into(weight, scale_output_channels(weight, scale, layout, groups), undo)
+    weight = require_tensor(layer, "weight")
+    _copy_into(weight, scaled(weight, scale, layout, groups), undo)
 
 
-def _write_bias(producer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> None:
-    if parametrize.is_parametrized(producer, "bias"):
-        _append_parametrization(producer, "bias", ChannelAffine(scale, shift), undo)
+def _write_bias(layer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> None:
+    """Map the layer's bias ``b`` (zero when missing) to ``b * scale + shift``."""
+    if parametrize.is_parametrized(layer, "bias"):
+        _append_parametrization(layer, "bias", ChannelAffine(scale, shift), undo)
         return
-    bias = tensor_attr(producer, "bias")
-    weight = require_tensor(producer, "weight")
+    bias = tensor_attr(layer, "bias")
+    weight = require_tensor(layer, "weight")
     if bias is None:
         new = nn.Parameter(fold_bias(None, scale, shift, weight), requires_grad=weight.requires_grad)
-        producer.register_parameter("bias", new)
-
-        def drop_bias() -> None:
-            producer.register_parameter("bias", None)
-
-        undo.append(drop_bias)
+        layer.register_parameter("bias", new)
+        undo.append(lambda: layer.register_parameter("bias", None))
     else:
         _copy_into(bias, fold_bias(bias, scale, shift, bias), undo)
+
+
+def _fold_into(layer: nn.Module, norm: nn.Module, rule: FoldRule, undo: Undo) -> None:
+    scale, shift = rule.affine(norm)
+    layout = rule.weight_layout
+    if rule.direction == "backward":
+        _write_weight(layer, scale, layout, "output", undo)
+        _write_bias(layer, scale, shift, undo)
+    else:
+        groups = int(getattr(layer, "groups", 1))
+        response = input_shift_response(effective_weight(layer), shift, layout, groups)
+        _write_weight(layer, scale, layout, "input", undo)
+        _write_bias(layer, torch.ones_like(response), response, undo)
 
 
 def _locations(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -173,22 +203,27 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> No
         undo.append(_setter(parent, attr, old))
 
 
+def _apply_site(model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo) -> None:
+    norm = model.get_submodule(site.norm)
+    rule = None
+    for partner in site.partners:
+        layer = model.get_submodule(partner)
+        rule = rules[(layer_type(layer), layer_type(norm), site.direction)]
+        _fold_into(layer, norm, rule, undo)
+    if rule is not None:
+        _replace(model, norm, rule.replacement(norm), undo)
+
+
 def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> Undo:
     """Fold every site of ``plan`` into ``model`` in place; return the log that undoes it (run in reverse)."""
     undo: Undo = []
     for site in plan.sites:
         try:
-            norm = model.get_submodule(site.norm)
-            producer = model.get_submodule(site.producer)
-            rule = rules[(layer_type(producer), layer_type(norm))]
-            scale, shift = rule.affine(norm)
-            _write_weight(producer, scale, rule.weight_layout, undo)
-            _write_bias(producer, scale, shift, undo)
-            _replace(model, norm, rule.replacement(norm), undo)
+            _apply_site(model, site, rules, undo)
         except Exception as error:
             undo_all(undo)
             raise FoldError(
-                f"cannot fold '{site.norm}' ({site.norm_type}) into '{site.producer}' ({site.producer_type}): "
+                f"cannot fold '{site.norm}' ({site.norm_type}) into '{site.partner}' ({', '.join(site.partner_types)}): "
                 f"{type(error).__name__}: {error}; the model was left unchanged"
             ) from error
     return undo
