@@ -38,6 +38,7 @@ class Program(nn.Module):
         self.steps: list[tuple[str, int, int, int, int]] = []
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
+        self.dropout = nn.Dropout(0.5)
         channels = [in_channels]
         for op, a, b, width in steps:
             src = len(channels) - 1 if a < 30 else a % len(channels)  # mostly a chain, sometimes a branch
@@ -48,17 +49,33 @@ class Program(nn.Module):
                 self.steps.append(("conv", src, 0, len(self.convs) - 1, 0))
                 self.steps.append(("bn", len(channels), 0, len(self.norms) - 1, 0))
                 channels += [width, width]
-            elif op in ("conv", "conv_t"):
-                layer = (nn.Conv2d if op == "conv" else nn.ConvTranspose2d)(c, width, 3, padding=1, bias=bool(b % 2))
+            elif op == "bn_conv":
+                self.norms.append(nn.BatchNorm2d(c))
+                self.convs.append(nn.Conv2d(c, width, 1, bias=bool(b % 2)))
+                self.steps.append(("bn", src, 0, len(self.norms) - 1, 0))
+                self.steps.append(("conv", len(channels), 0, len(self.convs) - 1, 0))
+                channels += [c, width]
+            elif op == "dropout":
+                self.steps.append(("dropout", src, 0, 0, 0))
+                channels.append(c)
+            elif op in ("conv", "conv_t", "conv1x1", "reflect_conv"):
+                if op == "conv1x1":
+                    layer = nn.Conv2d(c, width, 1, bias=bool(b % 2))
+                elif op == "reflect_conv":
+                    layer = nn.Conv2d(c, width, 3, padding=1, padding_mode="reflect", bias=bool(b % 2))
+                else:
+                    layer = (nn.Conv2d if op == "conv" else nn.ConvTranspose2d)(
+                        c, width, 3, padding=1, bias=bool(b % 2)
+                    )
                 self.convs.append(layer)
-                self.steps.append((op, src, 0, len(self.convs) - 1, 0))
+                self.steps.append(("conv", src, 0, len(self.convs) - 1, 0))
                 channels.append(width)
             elif op == "shared_conv":
                 index = next((i for i, m in enumerate(self.convs) if m.in_channels == c), None)
                 if index is None:
                     continue
                 self.steps.append(("conv", src, 0, index, 0))
-                channels.append(self.convs[index].out_channels)
+                channels.append(self.convs[index].out_channels)  # shared: called once more
             elif op == "bn":
                 self.norms.append(nn.BatchNorm2d(c, affine=bool(b % 3)))
                 self.steps.append(("bn", src, 0, len(self.norms) - 1, 0))
@@ -84,8 +101,10 @@ class Program(nn.Module):
         values = [x]
         for op, a, b, index, _ in self.steps:
             v = values[a]
-            if op in ("conv", "conv_t"):
+            if op == "conv":
                 out = self.convs[index](v)
+            elif op == "dropout":
+                out = self.dropout(v)
             elif op == "bn":
                 out = self.norms[index](v)
             elif op == "relu":

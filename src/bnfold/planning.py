@@ -228,7 +228,9 @@ def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     if source.kind == "input":
         raise _Kept("its input is a model input: there is no layer before it to fold into")
     if source.kind != "module" or source.module is None:
-        raise _Kept(f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target)
+        raise _Kept(
+            f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target
+        )
     layer = source.module
     name = ctx.name(layer)
     rule = _rule_for(layer, norm, "backward", ctx)
@@ -300,9 +302,11 @@ def _padding_reason(layer: nn.Module, rule: FoldRule, name: str) -> str | None:
         pad = tuple(getattr(layer, "padding", ()))
         dilation = tuple(getattr(layer, "dilation", ()))
         out_pad = tuple(getattr(layer, "output_padding", ()))
-        full = all(s == 1 for s in stride) and all(
-            p == d * (k - 1) for p, d, k in zip(pad, dilation, kernel, strict=True)
-        ) and all(o == 0 for o in out_pad)
+        full = (
+            all(s == 1 for s in stride)
+            and all(p == d * (k - 1) for p, d, k in zip(pad, dilation, kernel, strict=True))
+            and all(o == 0 for o in out_pad)
+        )
         if not full:
             return (
                 f"'{name}' is a ConvTranspose whose outputs see different numbers of inputs (stride or border), "
@@ -350,7 +354,9 @@ def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
             _check_forward_partner(norm, module, reader, flattened, in_ndim, ctx)
             partners.append(module)
     names = tuple(ctx.name(p) for p in partners)
-    return FoldSite(ctx.name(norm), layer_type(norm).__name__, names, tuple(layer_type(p).__name__ for p in partners), "forward")
+    return FoldSite(
+        ctx.name(norm), layer_type(norm).__name__, names, tuple(layer_type(p).__name__ for p in partners), "forward"
+    )
 
 
 def _check_forward_partner(
@@ -365,7 +371,9 @@ def _check_forward_partner(
     in_features = _in_channels(layer, rule)
     if flattened and rule.weight_layout == "linear":
         if in_features % channels:
-            raise _Kept(f"'{name}' reads {in_features} features, not a whole number per channel of its {channels}", name)
+            raise _Kept(
+                f"'{name}' reads {in_features} features, not a whole number per channel of its {channels}", name
+            )
     elif in_features != channels:
         raise _Kept(f"it has {channels} channels but '{name}' reads {in_features}", name)
     if ctx.graph.has_shapes:
@@ -378,7 +386,9 @@ def _check_forward_partner(
         else:
             ok = norm_in_ndim == layer_ndim and norm_axis == _channel_axis(layer, rule, layer_ndim)
         if not ok:
-            raise _Kept(f"it normalizes axis {norm_axis}, which is not the axis of the input channels of '{name}'", name)
+            raise _Kept(
+                f"it normalizes axis {norm_axis}, which is not the axis of the input channels of '{name}'", name
+            )
     else:
         _symbolic_rank_check(norm, layer, rule, name, flattened)
 

@@ -1,0 +1,211 @@
+"""Forward folding: a norm before the layer, folded into every layer that reads it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+
+from helpers import check_fold, randomize_norms
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _directions(result) -> list[str]:
+    return [s.direction for s in result.report.plan.sites]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_batchnorm1d_into_linear(bias):
+    model = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3, bias=bias)).eval()
+    result = check_fold(model, torch.randn(4, 6), folded=1, kept=0)
+    assert _directions(result) == ["forward"]
+    assert result.report.plan.sites[0].partners == ("1",)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_batchnorm_into_unpadded_conv(dims, groups):
+    model = nn.Sequential(BN[dims](6), CONV[dims](6, 4 if groups != 6 else 6, 3, groups=groups)).eval()
+    result = check_fold(model, torch.randn(2, 6, *([5] * dims)), folded=1, kept=0)
+    assert _directions(result) == ["forward"]
+
+
+def test_batchnorm_into_strided_dilated_conv():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, stride=2, dilation=2)).eval()
+    check_fold(model, torch.randn(2, 4, 11, 11), folded=1, kept=0)
+
+
+def test_zero_padded_conv_after_a_norm_is_kept_with_the_reason():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, padding=1)).eval()
+    result = check_fold(model, torch.randn(2, 4, 6, 6), folded=0, kept=1)
+    assert "pads its input with zeros" in result.report.plan.kept[0].reason
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_padding_by_copying_values_folds_exactly(mode):
+    # reflect/replicate/circular padding copies the norm's own outputs, and a per-channel affine map
+    # commutes with copying: pad(s * x + t) == s * pad(x) + t, so the fold is exact (checked here).
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode)).eval()
+    check_fold(model, torch.randn(2, 4, 6, 6), folded=1, kept=0)
+
+
+def test_convtranspose_forward_only_where_exact():
+    pointwise = nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 1, groups=2)).eval()
+    check_fold(pointwise, torch.randn(2, 4, 5, 5), folded=1, kept=0)
+    full_crop = nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 3, padding=2)).eval()
+    check_fold(full_crop, torch.randn(2, 4, 5, 5), folded=1, kept=0)
+    upsampling = nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 2, stride=2)).eval()
+    result = check_fold(upsampling, torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    assert "ConvTranspose whose outputs see different numbers of inputs" in result.report.plan.kept[0].reason
+
+
+def test_across_dropout_identity_and_flatten():
+    model = nn.Sequential(
+        nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Identity(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 3 * 3, 5)
+    ).eval()
+    result = check_fold(model, torch.randn(2, 4, 3, 3), folded=1, kept=0)
+    assert result.report.plan.sites[0].partners == ("5",)
+    # also without example inputs: torch.fx sees the same chain
+    assert [s.partners for s in bnfold.plan(model).sites] == [("5",)]
+
+
+def test_batchnorm2d_flatten_linear_on_a_1x1_map_and_batchnorm1d_flatten():
+    on_1x1 = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 3)).eval()
+    check_fold(on_1x1, torch.randn(2, 4, 5, 5), folded=1, kept=0)
+    seq = nn.Sequential(nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(4 * 7, 3)).eval()
+    check_fold(seq, torch.randn(2, 4, 7), folded=1, kept=0)
+
+
+def test_dropout_in_training_mode_is_not_the_identity():
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 3)).eval()
+    model[1].train()
+    result = bnfold.fold_with_report(randomize_norms(model), torch.randn(8, 4))  # checked with a fixed seed
+    assert (result.report.folded, result.report.kept) == (0, 1)
+    assert "Dropout" in result.report.plan.kept[0].reason
+
+
+def test_norm_read_by_several_layers_folds_into_all():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.a = nn.Conv2d(4, 3, 1)
+            self.b = nn.Conv2d(4, 5, 3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.a(y), self.b(y)
+
+    result = check_fold(Branches().eval(), torch.randn(2, 4, 6, 6), folded=1, kept=0)
+    assert result.report.plan.sites[0].partners == ("a", "b")
+    assert "-> a, b" in str(result.report.plan)
+
+
+def test_norm_read_by_a_layer_that_cannot_take_it_is_kept():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.a = nn.Conv2d(4, 3, 1)
+            self.b = nn.Conv2d(4, 5, 3, padding=1)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.a(y), self.b(y)
+
+    check_fold(Mixed().eval(), torch.randn(2, 4, 6, 6), folded=0, kept=1)
+
+    class AlsoActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.a = nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.a(y), torch.relu(y)
+
+    check_fold(AlsoActivation().eval(), torch.randn(2, 4, 6, 6), folded=0, kept=1)
+
+
+def test_shared_consumer_is_kept():
+    class SharedConsumer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.conv(self.bn(x)))
+
+    result = check_fold(SharedConsumer().eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    assert "called 2 times" in result.report.plan.kept[0].reason
+
+
+def test_norm_input_changed_in_place_later_is_kept():
+    class Later(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.pre(x))
+            y = self.bn(h)
+            h[:, 0].mul_(3.0)  # after folding, conv would read h itself, changed here through a view
+            return self.conv(y) + h
+
+    result = check_fold(Later().eval(), torch.randn(2, 3, 5, 5), folded=0, kept=1)
+    assert "changed in place" in result.report.plan.kept[0].reason
+
+
+def test_conv_bn_conv_folds_backward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)).eval()
+    result = check_fold(model, torch.randn(2, 3, 5, 5), folded=1, kept=0)
+    assert _directions(result) == ["backward"]
+
+
+def test_batchnorm_over_the_wrong_axis_of_a_linear_is_kept():
+    # (N, C, L) -> BatchNorm1d(C) -> Linear(L): the norm scales C, the Linear mixes L
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    check_fold(model, torch.randn(2, 4, 4), folded=0, kept=1)
+
+
+def test_without_example_inputs_batchnorm1d_linear_needs_them():
+    model = randomize_norms(nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))).eval()
+    p = bnfold.plan(model)
+    assert len(p.kept) == 1 and "pass example_inputs" in p.kept[0].reason
+    conv = randomize_norms(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1))).eval()
+    assert len(bnfold.plan(conv).sites) == 1
+
+
+def test_forward_into_pruned_and_parametrized_layers():
+    from torch.nn.utils import parametrizations, prune
+
+    pruned = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3)).eval()
+    prune.l1_unstructured(pruned[1], "weight", amount=0.4)
+    zeros = int((pruned[1].weight == 0).sum())
+    result = check_fold(pruned, torch.randn(2, 4, 6, 6), folded=1, kept=0)
+    assert int((result.model[1].weight == 0).sum()) == zeros
+    normed = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    parametrizations.weight_norm(normed[1])
+    check_fold(normed, torch.randn(5, 4), folded=1, kept=0)
+
+
+def test_fastai_style_head_folds_both_batchnorm1d():
+    """fastai's classifier head: pool -> Flatten -> BN1d -> Dropout -> Linear -> ReLU -> BN1d -> Dropout -> Linear."""
+    from fastai.vision.learner import create_vision_model
+    from torchvision.models import resnet18
+
+    model = create_vision_model(resnet18, 10, pretrained=False).eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 22
+    result = check_fold(model, torch.randn(2, 3, 64, 64), folded=22, kept=0)
+    head = [s for s in result.report.plan.sites if s.norm_type == "BatchNorm1d"]
+    assert [(s.direction, s.partners) for s in head] == [("forward", ("1.4",)), ("forward", ("1.8",))]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
