@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 ValueKey = Hashable
+Shape = tuple[int, ...]
 
 
 @dataclass
@@ -57,8 +58,26 @@ class Call:
     module: nn.Module | None
     inputs: list[ValueKey] = field(default_factory=list)
     outputs: list[ValueKey] = field(default_factory=list)
-    input_ndims: list[int | None] = field(default_factory=list)
-    output_ndims: list[int | None] = field(default_factory=list)
+    input_shapes: list[Shape | None] = field(default_factory=list)
+    output_shapes: list[Shape | None] = field(default_factory=list)
+    # a function call's arguments, tensors replaced by TensorRef(key) (execution tracing only)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_ndims(self) -> list[int | None]:
+        return [None if s is None else len(s) for s in self.input_shapes]
+
+    @property
+    def output_ndims(self) -> list[int | None]:
+        return [None if s is None else len(s) for s in self.output_shapes]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Stands for a tensor argument in a recorded call."""
+
+    key: ValueKey
 
 
 @dataclass
@@ -74,6 +93,8 @@ class DataFlowGraph:
     reference_outputs: Any = None
     # execution tracing: the storage root (base tensor) of each value, and the last version each root reached
     roots: dict[ValueKey, int] = field(default_factory=dict)
+    # values that are a parameter or buffer of the model, with its qualified name
+    constants: dict[ValueKey, str] = field(default_factory=dict)
     final_versions: dict[int, int] = field(default_factory=dict)
 
     def changed_later(self, key: ValueKey, reader: int) -> bool:
@@ -97,8 +118,10 @@ class DataFlowGraph:
         module: nn.Module | None,
         inputs: list[ValueKey],
         outputs: list[ValueKey],
-        input_ndims: list[int | None] | None = None,
-        output_ndims: list[int | None] | None = None,
+        input_shapes: list[Shape | None] | None = None,
+        output_shapes: list[Shape | None] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
     ) -> Call:
         call = Call(
             len(self.calls),
@@ -107,8 +130,10 @@ class DataFlowGraph:
             module,
             inputs,
             outputs,
-            input_ndims or [None] * len(inputs),
-            output_ndims or [None] * len(outputs),
+            input_shapes or [None] * len(inputs),
+            output_shapes or [None] * len(outputs),
+            args,
+            kwargs or {},
         )
         self.calls.append(call)
         # A call that hands back one of its inputs unchanged (same tensor, same version: nn.Identity,
@@ -236,11 +261,15 @@ class _ExecutionTracer(TorchFunctionMode):
         self.recorded_types = recorded_types
         self.depth = 0  # > 0 while inside a recorded module: its internals are its own business
         self.quiet = 0  # > 0 while bnfold's own bookkeeping runs
-        self.stack: list[tuple[nn.Module, bool, list[ValueKey], list[int | None]]] = []
+        self.stack: list[tuple[nn.Module, bool, list[ValueKey], list[Shape | None]]] = []
         self.serials: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
         self.counter = itertools.count(1)
         self.completed = 0
         self.last_completed = ""
+        # tensor id -> qualified name, for every parameter and buffer of the model
+        self.constant_names: dict[int, str] = {}
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+            self.constant_names.setdefault(id(t), name)
         # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
         self.owned: dict[int, nn.Module] = {}
         for module in model.modules():
@@ -263,6 +292,9 @@ class _ExecutionTracer(TorchFunctionMode):
         base = t._base
         root = self.serial(base if base is not None else t)
         self.graph.roots[key] = root
+        constant = self.constant_names.get(id(t))
+        if constant is not None:
+            self.graph.constants[key] = constant
         if self.graph.final_versions.get(root, -1) < version:
             self.graph.final_versions[root] = version
         return key
@@ -274,9 +306,19 @@ class _ExecutionTracer(TorchFunctionMode):
             if t is not None and serial in self.graph.final_versions:
                 self.graph.final_versions[serial] = max(self.graph.final_versions[serial], t._version)
 
-    def keys(self, obj: Any) -> tuple[list[ValueKey], list[int | None]]:
+    def keys(self, obj: Any) -> tuple[list[ValueKey], list[Shape | None]]:
         tensors = list(iter_tensors(obj))
-        return [self.key(t) for t in tensors], [t.dim() for t in tensors]
+        return [self.key(t) for t in tensors], [tuple(t.shape) for t in tensors]
+
+    def spec(self, obj: Any) -> Any:
+        """``obj`` with every tensor replaced by its TensorRef (call before the op runs)."""
+        if isinstance(obj, Tensor):
+            return TensorRef(self.key(obj))
+        if isinstance(obj, (tuple, list)):
+            return tuple(self.spec(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self.spec(v) for k, v in obj.items()}
+        return obj
 
     # -- module hooks -----------------------------------------------------------------------------
     def is_recorded(self, module: nn.Module) -> bool:
@@ -286,8 +328,8 @@ class _ExecutionTracer(TorchFunctionMode):
         self.quiet += 1
         try:
             record = self.depth == 0 and self.is_recorded(module)
-            keys, ndims = self.keys((args, kwargs)) if record else ([], [])
-            self.stack.append((module, record, keys, ndims))
+            keys, shapes = self.keys((args, kwargs)) if record else ([], [])
+            self.stack.append((module, record, keys, shapes))
             if record:
                 self.depth += 1
             elif self.depth > 0:
@@ -298,11 +340,11 @@ class _ExecutionTracer(TorchFunctionMode):
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self.quiet += 1
         try:
-            _, record, keys, ndims = self.stack.pop()
+            _, record, keys, shapes = self.stack.pop()
             if record:
                 self.depth -= 1
-                out_keys, out_ndims = self.keys(output)
-                self.graph.add("module", self.names.get(id(module), "?"), module, keys, out_keys, ndims, out_ndims)
+                out_keys, out_shapes = self.keys(output)
+                self.graph.add("module", self.names.get(id(module), "?"), module, keys, out_keys, shapes, out_shapes)
             self.completed += 1
             self.last_completed = self.names.get(id(module), "?")
         finally:
@@ -317,15 +359,15 @@ class _ExecutionTracer(TorchFunctionMode):
         if name in _METADATA_OPS:
             return func(*args, **kwargs)
         tensors = list(iter_tensors((args, kwargs)))
-        keys = [self.key(t) for t in tensors]
-        ndims: list[int | None] = [t.dim() for t in tensors]
+        keys, shapes = self.keys((args, kwargs))
+        arg_spec, kwarg_spec = self.spec(args), self.spec(kwargs)
         for t in tensors:
             owner = self.owned.get(id(t))
             if owner is not None:
                 self.graph.foreign_uses.setdefault(id(owner), name)
         out = func(*args, **kwargs)
-        out_keys, out_ndims = self.keys(out)
-        self.graph.add("function", name, None, keys, out_keys, ndims, out_ndims)
+        out_keys, out_shapes = self.keys(out)
+        self.graph.add("function", name, None, keys, out_keys, shapes, out_shapes, arg_spec, kwarg_spec)
         return out
 
     def where(self) -> str:
@@ -354,8 +396,8 @@ def trace_execution(
     try:
         with torch.no_grad(), preserved_buffers(model), seeded(model):
             args = detached_copy(args)
-            in_keys, in_ndims = tracer.keys(args)
-            tracer.graph.add("input", "<inputs>", None, [], in_keys, None, in_ndims)
+            in_keys, in_shapes = tracer.keys(args)
+            tracer.graph.add("input", "<inputs>", None, [], in_keys, None, in_shapes)
             try:
                 with tracer:
                     output = model(*args)
@@ -365,8 +407,8 @@ def trace_execution(
                     f"{tracer.completed} completed module calls (last completed: '{tracer.last_completed or '-'}'): "
                     f"{type(error).__name__}: {error}"
                 ) from error
-            out_keys, out_ndims = tracer.keys(output)
-            tracer.graph.add("output", "<outputs>", None, out_keys, [], out_ndims, None)
+            out_keys, out_shapes = tracer.keys(output)
+            tracer.graph.add("output", "<outputs>", None, out_keys, [], out_shapes, None)
             tracer.settle_versions()
             tracer.graph.reference_outputs = detached_copy(output)
     finally:
