@@ -12,6 +12,9 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     running_mean ~ N(0, 0.1), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] in ("gamma", "layer_scale"):  # layer scales (timm, torchvision ConvNeXt)
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
         for m in model.modules():
             stats = isinstance(m, _NormBase) or type(m).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
             if not stats:

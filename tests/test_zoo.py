@@ -28,6 +28,8 @@ TORCHVISION = {
     "inception_v3": (94, 2, 75),
     "shufflenet_v2_x0_5": (56, 0, 64),
     "vgg11_bn": (8, 0, 32),
+    # the 18 layer scales (layer_scale * block(x)) fold into each block's last Linear; the LayerNorms stay
+    "convnext_tiny": (18, 23, 32),
 }
 
 TIMM = {
@@ -43,8 +45,8 @@ TIMM = {
     "repvgg_a0": (44, 17, 64),
     # mixed depthwise convs are split and concatenated before their norm
     "mixnet_s": (15, 34, 64),
-    # LayerNorm normalizes each input with its own statistics
-    "convnext_atto": (0, 17, 64),
+    # the 12 layer scales (x.mul(gamma)) fold into each block's fc2; the 17 LayerNorms stay
+    "convnext_atto": (12, 17, 64),
 }
 
 
@@ -87,3 +89,13 @@ def test_symbolic_tracing_matches_execution_tracing(name):
     without = bnfold.plan(model)
     assert without.traced_with == "torch.fx"
     assert [(s.norm, s.partner) for s in without.sites] == [(s.norm, s.partner) for s in with_inputs.sites]
+
+
+def test_timm_vision_transformer_layer_scales_fold():
+    model = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=10, init_values=1e-5, img_size=32, patch_size=8
+    ).eval()
+    # 12 blocks x (ls1 into attn.proj, ls2 into mlp.fc2); 25 LayerNorms stay
+    result = check_fold(model, torch.randn(2, 3, 32, 32), folded=24, kept=25)
+    assert {s.norm_type for s in result.report.plan.sites} == {"LayerScale"}
+    assert all(isinstance(m, nn.Identity) for n, m in result.model.named_modules() if n.endswith((".ls1", ".ls2")))

@@ -11,7 +11,14 @@ from functools import cache
 
 from torch import nn
 
-__all__ = ["frozen_batchnorm_types", "norm_act_types", "frozen_norm_act_types", "sync_norm_act_types"]
+__all__ = [
+    "frozen_batchnorm_types",
+    "norm_act_types",
+    "frozen_norm_act_types",
+    "sync_norm_act_types",
+    "layer_scale_types",
+    "layer_scale_2d_types",
+]
 
 
 def _optional(module: str, name: str) -> type[nn.Module] | None:
@@ -48,3 +55,15 @@ def sync_norm_act_types() -> tuple[type[nn.Module], ...]:
 def frozen_norm_act_types() -> tuple[type[nn.Module], ...]:
     """Frozen batch norms that also apply dropout and an activation: timm's ``FrozenBatchNormAct2d``."""
     return _present(_optional("timm.layers.norm_act", "FrozenBatchNormAct2d"))
+
+
+@cache
+def layer_scale_types() -> tuple[type[nn.Module], ...]:
+    """Per-channel scales on channels-last tensors: timm's ``LayerScale`` (``x * gamma``)."""
+    return _present(_optional("timm.layers", "LayerScale"))
+
+
+@cache
+def layer_scale_2d_types() -> tuple[type[nn.Module], ...]:
+    """Per-channel scales on NCHW tensors: timm's ``LayerScale2d``."""
+    return _present(_optional("timm.layers", "LayerScale2d"))

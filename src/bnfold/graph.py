@@ -268,7 +268,9 @@ class _ExecutionTracer(TorchFunctionMode):
         self.last_completed = ""
         # tensor id -> qualified name, for every parameter and buffer of the model
         self.constant_names: dict[int, str] = {}
-        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)
+        ):
             self.constant_names.setdefault(id(t), name)
         # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
         self.owned: dict[int, nn.Module] = {}

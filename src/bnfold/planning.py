@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize, prune
 
+from . import channelwise
 from .graph import Call, DataFlowGraph, ValueKey
 from .rules import (
     Direction,
@@ -420,6 +421,11 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
             sites.append(site)
         except _Kept as keep:
             kept.append(KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner))
+    for row in _channelwise_ops(ctx, sites):
+        if row.norm in order:
+            continue  # a constant used by several ops is reported once (kept: used elsewhere)
+        order.append(row.norm)
+        (sites if isinstance(row, FoldSite) else kept).append(row)  # type: ignore[arg-type]
     return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))
 
 
@@ -450,3 +456,96 @@ def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
             return _forward(norm, call, ctx)
         except _Kept as forward:
             raise _Kept(f"{backward.reason}; forward: {forward.reason}", backward.partner or forward.partner) from None
+
+
+CHANNELWISE_PREFIX = "channel-wise "
+
+
+def _channelwise_ops(ctx: _Context, norm_sites: list[FoldSite]) -> list[FoldSite | KeptNorm]:
+    """Rows, in graph order, for ``layer(x) <op> constant`` (mul/div/add/sub by a per-channel parameter
+    or buffer): folded into the layer, or kept with the reason."""
+    graph = ctx.graph
+    if not graph.has_shapes:
+        return []
+    layers = layer_types(ctx.rules)
+    backward_norms = {s.norm for s in norm_sites if s.direction == "backward"}
+    # value -> (layer whose output it is, up to folded norms, permutes and folded ops; channel axis in it)
+    source: dict[ValueKey, tuple[nn.Module, int]] = {}
+    rows: list[FoldSite | KeptNorm] = []
+
+    def only_reader(value: ValueKey, call: Call) -> bool:
+        return graph.consumers.get(value, []) == [call.index]
+
+    for call in graph.calls:
+        if call.kind == "module" and call.module is not None and len(call.outputs) == 1 and call.inputs:
+            module, out = call.module, call.outputs[0]
+            shape = call.output_shapes[0]
+            if layer_type(module) in layers and shape is not None:
+                rule = next(r for k, r in ctx.rules.items() if k[0] is layer_type(module))
+                source[out] = (module, _channel_axis(module, rule, len(shape)))
+            elif ctx.name(module) in backward_norms and call.inputs[0] in source:
+                source[out] = source[call.inputs[0]]
+            elif (
+                channelwise.is_permute_module(module) and call.inputs[0] in source and only_reader(call.inputs[0], call)
+            ):
+                layer, channel = source[call.inputs[0]]
+                dims = [int(d) % len(module.dims) for d in module.dims]  # type: ignore[union-attr, arg-type]
+                if channel in dims:
+                    source[out] = (layer, dims.index(channel))
+            continue
+        if call.kind != "function" or len(call.outputs) != 1:
+            continue
+        if call.target in channelwise._PERMUTE_OPS and call.inputs and call.inputs[0] in source:
+            layer, channel = source[call.inputs[0]]
+            new_axis = channelwise.permuted_axis(call, channel)
+            if new_axis is not None and only_reader(call.inputs[0], call):
+                source[call.outputs[0]] = (layer, new_axis)
+            continue
+        kind = channelwise.AFFINE_OPS.get(call.target)
+        pair = channelwise.operands(call) if kind else None
+        if kind is None or pair is None:
+            continue
+        shapes = dict(zip(call.inputs, call.input_shapes, strict=False))
+        found = [
+            (i, channelwise.find_constant(graph, ref.key, shapes.get(ref.key), call.index))
+            for i, ref in enumerate(pair)
+        ]
+        constants = [(i, c) for i, c in found if c is not None]
+        if len(constants) != 1:
+            continue
+        position, constant = constants[0]
+        activation = pair[1 - position].key
+        act_shape = shapes.get(activation)
+        if act_shape is None:
+            continue
+        axis = channelwise.per_channel_axis(constant.shape, act_shape)
+        if axis == "no":
+            continue  # not a per-channel constant (e.g. a position embedding): not this rule's business
+        row_name, row_type = constant.name, CHANNELWISE_PREFIX + kind
+        try:
+            if kind in ("sub", "div") and position == 0:
+                raise _Kept(f"it computes constant {kind} x, which is not an affine map of x's channels")
+            if call.target.endswith("_") and position == 0:
+                raise _Kept("it changes the constant in place")
+            if constant.reason:
+                raise _Kept(constant.reason)
+            if activation not in source:
+                producer = graph.producer.get(activation)
+                what = graph.calls[producer].target if producer is not None else "a model input"
+                raise _Kept(f"its input comes from '{what}', not from a Conv/ConvTranspose/Linear layer")
+            layer, layer_axis = source[activation]
+            name = ctx.name(layer)
+            if not only_reader(activation, call):
+                raise _Kept(f"the output of '{name}' is also read elsewhere", name)
+            if axis is not None and axis != layer_axis:
+                raise _Kept(f"it varies along axis {axis}, but the channels of '{name}' are axis {layer_axis}", name)
+            reason = _layer_reason(layer, ctx)
+            if reason:
+                raise _Kept(reason, name)
+            if call.output_shapes[0] != act_shape:
+                raise _Kept("it changes the shape of its input", name)
+            rows.append(FoldSite(row_name, row_type, (name,), (layer_type(layer).__name__,), "backward"))
+            source[call.outputs[0]] = (layer, layer_axis)
+        except _Kept as keep:
+            rows.append(KeptNorm(row_name, row_type, keep.reason, keep.partner))
+    return rows

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
@@ -76,6 +77,12 @@ def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     )
 
 
+def layer_scale_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """A layer scale multiplies each channel by ``gamma``: scale ``gamma``, no shift."""
+    gamma = require_tensor(norm, "gamma").detach().to(torch.float64).flatten()
+    return gamma, torch.zeros_like(gamma)
+
+
 def running_stats_reason(norm: nn.Module) -> str | None:
     """Why a BatchNorm-like layer does not use fixed statistics right now, or ``None`` if it does."""
     if norm.training:
@@ -122,6 +129,11 @@ def norm_act_replacement(norm: nn.Module) -> nn.Module:
 def batch_channel_axis(norm: nn.Module, input_ndim: int) -> int:
     """BatchNorm normalizes axis 1 of its (N, C, ...) input."""
     return 1
+
+
+def last_channel_axis(norm: nn.Module, input_ndim: int) -> int:
+    """Channels-last layers (timm's LayerScale) act on the last axis."""
+    return input_ndim - 1
 
 
 def instance_channel_axis(norm: nn.Module, input_ndim: int) -> int:
@@ -244,6 +256,14 @@ def builtin_rules() -> dict[RuleKey, FoldRule]:
                     rules.append(FoldRule(layer, norm_act, replacement=norm_act_replacement))
                 for frozen_act in compat.frozen_norm_act_types():
                     rules.append(FoldRule(layer, frozen_act, check=no_reason, replacement=norm_act_replacement))
+    # Layer scales (x * gamma, per channel) fold like a norm with scale gamma and no shift.
+    for scale in compat.layer_scale_types():
+        rules.append(
+            FoldRule(nn.Linear, scale, affine=layer_scale_affine, check=no_reason, channel_axis=last_channel_axis)
+        )
+    for scale in compat.layer_scale_2d_types():
+        for layer in (nn.Conv2d, nn.ConvTranspose2d):
+            rules.append(FoldRule(layer, scale, affine=layer_scale_affine, check=no_reason))
     rules.append(FoldRule(nn.Linear, nn.BatchNorm1d))
     rules.append(FoldRule(nn.Linear, nn.SyncBatchNorm))
     # Forward into a Linear: directly (BatchNorm1d on (N, C)), or through a Flatten of a (N, C, ...) map.

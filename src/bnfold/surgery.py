@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_channels, scale_output_channels
+from .channelwise import affine_of_op, neutral_value
 from .errors import FoldError
-from .planning import FoldPlan, FoldSite
+from .planning import CHANNELWISE_PREFIX, FoldPlan, FoldSite
 from .rules import FoldRule, RuleTable, layer_type, require_tensor, tensor_attr
 
 __all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine"]
@@ -203,7 +204,31 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> No
         undo.append(_setter(parent, attr, old))
 
 
+def _constant(model: nn.Module, name: str) -> Tensor:
+    module_name, _, attr = name.rpartition(".")
+    value = tensor_attr(model.get_submodule(module_name), attr)
+    if value is None:
+        raise AttributeError(f"no parameter or buffer '{name}'")
+    return value
+
+
+def _apply_channelwise(model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo) -> None:
+    kind = site.norm_type[len(CHANNELWISE_PREFIX) :]
+    constant = _constant(model, site.norm)
+    layer = model.get_submodule(site.partners[0])
+    layout = next(r for k, r in rules.items() if k[0] is layer_type(layer)).weight_layout
+    channels = int(effective_weight(layer).shape[1 if layout == "conv_transpose" else 0])
+    channels *= int(getattr(layer, "groups", 1)) if layout == "conv_transpose" else 1
+    scale, shift = affine_of_op(kind, constant, channels)
+    _write_weight(layer, scale, layout, "output", undo)
+    _write_bias(layer, scale, shift, undo)
+    _copy_into(constant, neutral_value(kind, constant), undo)
+
+
 def _apply_site(model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo) -> None:
+    if site.norm_type.startswith(CHANNELWISE_PREFIX):
+        _apply_channelwise(model, site, rules, undo)
+        return
     norm = model.get_submodule(site.norm)
     rule = None
     for partner in site.partners:
