@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
+from bnfold.testing import randomize_norms
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every norm layer random statistics and affine parameters, so folding is not trivially exact:
-    running_mean ~ N(0, 0.1), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rpartition(".")[2] in ("gamma", "layer_scale"):  # layer scales (timm, torchvision ConvNeXt)
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-        for m in model.modules():
-            stats = isinstance(m, _NormBase) or type(m).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
-            if not stats:
-                continue
-            if getattr(m, "running_mean", None) is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-            if getattr(m, "weight", None) is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
+__all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold"]
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 import bnfold
+
 from cli_models import SmallNet
 
 TESTS = Path(__file__).parent
@@ -165,6 +166,7 @@ def test_json_report(tmp_path, pickled):
         "type": "BatchNorm2d",
         "decision": "folded",
         "partner": "stem",
+        "partners": ["stem"],
         "direction": "backward",
         "reason": None,
     }

@@ -1,0 +1,123 @@
+"""Adapters that fold a model with each tool, the way its users call it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import bnfold
+from bnfold import compat
+from bnfold.rules import FoldedNormAct
+
+
+@dataclass
+class Peer:
+    name: str
+    fold: Callable[[nn.Module, torch.Tensor], nn.Module]
+    version: str
+    unavailable: str | None = None  # why it cannot run here (e.g. the pip error)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def norm_count(model: nn.Module) -> int:
+    """BatchNorm-family layers left in a model (torchvision/timm frozen variants included)."""
+    kinds = (_BatchNorm, *compat.frozen_batchnorm_types(), *compat.frozen_norm_act_types())
+    return sum(isinstance(m, kinds) for m in model.modules())
+
+
+def fold_bnfold(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return bnfold.fold(model, x)
+
+
+def fold_fasterai(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from fasterai.misc.bn_folding import BN_Folder
+
+    return BN_Folder().fold(model)
+
+
+def fold_fx(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model)
+
+
+def _ao_pairs(model: nn.Module, x: torch.Tensor) -> list[list[str]]:
+    """The (layer, norm) name pairs a user would write by hand, as torch.ao accepts them: the backward pairs
+    that really are adjacent in the data flow (found by bnfold), of types torch.ao knows."""
+    from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD
+
+    known = {key for key in _DEFAULT_OP_LIST_TO_FUSER_METHOD if len(key) == 2}
+    pairs = []
+    for site in bnfold.plan(model, x).sites:
+        if site.direction != "backward" or site.norm_type.startswith("channel-wise"):
+            continue
+        layer, norm = model.get_submodule(site.partners[0]), model.get_submodule(site.norm)
+        if (type(layer), type(norm)) in known:
+            pairs.append([site.partners[0], site.norm])
+    return pairs
+
+
+def fold_ao(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import fuse_modules
+
+    return fuse_modules(model, _ao_pairs(model, x))
+
+
+def fold_aimet(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from aimet_torch.batch_norm_fold import fold_all_batch_norms
+
+    folded = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fold_all_batch_norms(folded, tuple(x.shape), dummy_input=x)
+    return folded
+
+
+def delete_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The speed limit: every BatchNorm-family layer removed (wrong outputs); activations of
+    norm+activation layers kept."""
+    stripped = copy.deepcopy(model)
+    kinds = (_BatchNorm, *compat.frozen_batchnorm_types(), *compat.frozen_norm_act_types())
+    for _, parent in list(stripped.named_modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, kinds):
+                act, drop = getattr(child, "act", None), getattr(child, "drop", None)
+                if isinstance(act, nn.Module):
+                    parent._modules[name] = FoldedNormAct(drop if isinstance(drop, nn.Module) else nn.Identity(), act)
+                else:
+                    parent._modules[name] = nn.Identity()
+    return stripped
+
+
+def _probe(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # an optional peer that cannot be imported here
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def peers() -> list[Peer]:
+    return [
+        Peer("bnfold", fold_bnfold, bnfold.__version__),
+        Peer("fasterai", fold_fasterai, _version("fasterai"), _probe("fasterai.misc.bn_folding")),
+        Peer("torch.fx fuse", fold_fx, torch.__version__),
+        Peer("torch.ao fuse_modules", fold_ao, torch.__version__),
+        Peer("AIMET", fold_aimet, _version("aimet-torch"), _probe("aimet_torch.batch_norm_fold")),
+    ]
+
+
+LIMIT = Peer("norms deleted (limit)", delete_norms, "-")

@@ -1,0 +1,302 @@
+"""Turn benchmark results into docs/benchmarks.md and PNG plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+WRONG = 1e-3  # relative output error above which a float32 fold counts as wrong
+
+
+def _fmt_err(value: Any) -> str:
+    if isinstance(value, str):
+        return "fails"
+    if value is None or not math.isfinite(value):
+        return "wrong shape"
+    return f"{value:.1e}"
+
+
+def _geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v and math.isfinite(v) and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per tool: norms folded correctly, models with wrong outputs / failures, mean speed-up."""
+    tools = list(results["peers"]) + ["norms deleted (limit)"]
+    rows = []
+    for tool in tools:
+        folded = total = wrong = failed = 0
+        speedups = []
+        for row in results["zoo"]:
+            info = row["tools"].get(tool, {})
+            total += row["norms"]
+            if info.get("error"):
+                failed += 1
+                continue
+            err = info.get("rel_error", math.inf)
+            if tool != "norms deleted (limit)" and (err is None or err > WRONG):
+                wrong += 1
+            elif tool != "norms deleted (limit)":
+                folded += row["norms"] - info.get("norms_left", row["norms"])
+            latency = row["latency_ms"]
+            if tool in latency:
+                speedups.append(latency["original"] / latency[tool])
+        rows.append(
+            {
+                "tool": tool,
+                "folded": folded,
+                "total": total,
+                "wrong": wrong,
+                "failed": failed,
+                "speedup": _geomean(speedups),
+            }
+        )
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    rows = []
+    n = len(results["zoo"])
+    for s in summary(results):
+        if s["tool"] == "norms deleted (limit)":
+            rows.append([s["tool"], "-", "all (outputs wrong)", "-", f"x{s['speedup']:.2f}" if s["speedup"] else "-"])
+            continue
+        unavailable = results["peers"].get(s["tool"], {}).get("unavailable")
+        if unavailable:
+            rows.append([s["tool"], "not installed", "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                s["tool"],
+                f"{s['folded']} / {s['total']}",
+                f"{s['wrong']} of {n}",
+                f"{s['failed']} of {n}",
+                f"x{s['speedup']:.2f}" if s["speedup"] else "-",
+            ]
+        )
+    return _table(
+        [
+            "tool",
+            "norms folded, outputs correct",
+            "models with changed outputs",
+            "models it fails on",
+            "CPU speed-up (geomean)",
+        ],
+        rows,
+    )
+
+
+def _coverage(results: dict[str, Any], tools: list[str]) -> str:
+    rows = []
+    for row in results["zoo"]:
+        cells = [row["model"], str(row["norms"])]
+        for tool in tools:
+            info = row["tools"].get(tool, {})
+            if info.get("error"):
+                cells.append("fails" if info["error"] != "not installed" else "n/a")
+                continue
+            done = row["norms"] - info.get("norms_left", row["norms"])
+            err = info.get("rel_error")
+            mark = "" if err is not None and err <= WRONG else " **wrong**"
+            extra = ""
+            if tool == "bnfold" and info.get("sites", done) > done:
+                extra = f" (+{info['sites'] - done} other)"
+            cells.append(f"{done}{extra}, {_fmt_err(err)}{mark}")
+        rows.append(cells)
+    return _table(["model", "BN layers", *tools], rows)
+
+
+def _latency(results: dict[str, Any], tools: list[str]) -> str:
+    rows = []
+    for row in results["zoo"]:
+        lat = row["latency_ms"]
+        cells = [row["model"], f"{lat['original']:.1f}"]
+        for tool in [*tools, "norms deleted (limit)"]:
+            cells.append(f"x{lat['original'] / lat[tool]:.2f}" if tool in lat else "-")
+        rows.append(cells)
+    return _table(["model", "original (ms)", *tools, "norms deleted (limit)"], rows)
+
+
+def _cost(results: dict[str, Any], tools: list[str]) -> str:
+    rows = []
+    for row in results["zoo"]:
+        cells = [row["model"]]
+        probes = results["memory"].get(row["model"], {})
+        for tool in tools:
+            p = probes.get(tool)
+            if not p:
+                cells.append("n/a")
+            elif p.get("error"):
+                cells.append("fails")
+            else:
+                mem = f"{p['peak_extra_mb']:.0f} MB" if p.get("peak_extra_mb") is not None else "?"
+                cells.append(f"{p['fold_s']:.2f} s, {mem}")
+        rows.append(cells)
+    return _table(["model", *tools], rows)
+
+
+def _precision(results: dict[str, Any], tools: list[str]) -> str:
+    rows = []
+    for row in results["precision"]:
+        rows.append([row["model"], row["dtype"], _fmt_err(row["unfolded"]), *[_fmt_err(row.get(t)) for t in tools]])
+    return _table(["model", "dtype", "unfolded", *tools], rows)
+
+
+def _scaling(results: dict[str, Any], tools: list[str]) -> str:
+    rows = []
+    for row in results["scaling"]:
+        cells = [row["model"], f"{row['parameters'] / 1e6:.2f} M", str(row["modules"])]
+        for tool in tools:
+            p = row.get(tool) or {}
+            if p.get("error"):
+                cells.append("fails")
+            elif p.get("fold_s") is None:
+                cells.append("n/a")
+            else:
+                mem = f"{p['peak_extra_mb']:.0f} MB" if p.get("peak_extra_mb") is not None else "?"
+                cells.append(f"{p['fold_s']:.2f} s, {mem}")
+        rows.append(cells)
+    return _table(["model", "parameters", "modules", *tools], rows)
+
+
+def _plots(results: dict[str, Any], out: Path, tools: list[str]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    names = [r["model"] for r in results["zoo"]]
+    series = [*tools, "norms deleted (limit)"]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.7), 4.5))
+    width = 0.8 / len(series)
+    for i, tool in enumerate(series):
+        values = []
+        for row in results["zoo"]:
+            lat = row["latency_ms"]
+            ok = tool in lat and (
+                tool == "norms deleted (limit)" or (row["tools"][tool].get("rel_error") or 1) <= WRONG
+            )
+            values.append(lat["original"] / lat[tool] if ok else 0.0)
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=tool)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("CPU speed-up vs original (0 = wrong outputs or failed)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "bench_speedup.png", dpi=110)
+    plt.close(fig)
+    written.append("bench_speedup.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, prefix, xkey, xlabel in (
+        (axes[0], "tv/", "parameters", "parameters (resnet18 -> resnet152)"),
+        (axes[1], "nested/", "depth", "nesting depth of conv-bn blocks"),
+    ):
+        rows = [r for r in results["scaling"] if r["model"].startswith(prefix)]
+        for tool in [t for t in tools if any((r.get(t) or {}).get("fold_s") for r in rows)]:
+            points = [
+                (r["parameters"] if xkey == "parameters" else int(r["model"].split("/")[1]), r[tool]["fold_s"])
+                for r in rows
+                if (r.get(tool) or {}).get("fold_s") and not r[tool].get("error")
+            ]
+            if points:
+                ax.loglog(*zip(*points, strict=True), marker="o", label=tool)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("fold time (s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "bench_scaling.png", dpi=110)
+    plt.close(fig)
+    written.append("bench_scaling.png")
+    return written
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    tools = list(results["peers"])
+    m = results["machine"]
+    peers = "\n".join(
+        f"- **{name}** {info['version']}"
+        + (f": could not be used here ({info['unavailable']})" if info["unavailable"] else "")
+        for name, info in results["peers"].items()
+    )
+    plots = _plots(results, out, tools)
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Measured on {m['date']} ({results['mode']} run, {results['seconds']:.0f} s): {m['cpu']}, {m['cores']} cores "
+        f"({m['torch_threads']} torch threads), Python {m['python']}, torch {m['torch']}. "
+        + ("GPU: " + m["cuda"] if m["cuda"] else "No GPU: CPU figures only."),
+        "",
+        "Regenerate with `python bench/run.py` (full) or `python bench/run.py --quick`. Raw numbers: "
+        "[benchmarks.json](benchmarks.json). Every model has random weights and randomized BatchNorm statistics "
+        "(running mean ~ N(0, 0.1), variance ~ U(0.5, 2), affine weight ~ U(0.5, 1.5), bias ~ N(0, 0.1)), so a "
+        "wrong fold shows in the outputs. Each tool folds its own deep copy of the same model, on the same input.",
+        "",
+        "Tools:",
+        "",
+        peers,
+        "- **norms deleted (limit)**: every BatchNorm layer replaced by nothing (outputs wrong): the speed a "
+        "folded model can reach at best.",
+        "",
+        "torch.ao `fuse_modules` needs the (layer, norm) name pairs written by hand; it is given the backward pairs "
+        "that bnfold found and that torch.ao supports, its best case.",
+        "",
+        "## Summary",
+        "",
+        summary_table(results),
+        "",
+        f'"Changed outputs": maximum output error above {WRONG:g} of the output\'s scale (float32). '
+        "Speed-up: geometric mean over the models of original latency / folded latency, counting only models "
+        "the tool folded without changing outputs.",
+        "",
+        "## Coverage and correctness",
+        "",
+        "BatchNorm-family layers folded, and the maximum relative output error against the original "
+        '(float32; around 1e-7 is rounding). "other": bnfold\'s further folds (layer scales, channel-wise '
+        "constants).",
+        "",
+        _coverage(results, tools),
+        "",
+        "## CPU latency",
+        "",
+        "Batch 1, median of interleaved runs in one process; speed-up = original latency / folded latency.",
+        "",
+        _latency(results, tools),
+        "",
+        *([f"![speed-up]({plots[0]})", ""] if plots else []),
+        "## Cost of folding",
+        "",
+        "Fold time and peak extra resident memory of the fold call, each measured in a fresh process "
+        "(bnfold's time includes copying the model, tracing it and checking the outputs on the example input).",
+        "",
+        _cost(results, tools),
+        "",
+        "## Low precision",
+        "",
+        "Maximum output error, relative to the output's scale, of the model folded in float16/bfloat16 against "
+        'the float64 original (2 x 3 x 64 x 64 input). "unfolded": the low-precision model\'s own error.',
+        "",
+        _precision(results, tools),
+        "",
+        "## Scaling",
+        "",
+        "Fold time and peak extra memory as models grow (resnet18 to resnet152 at 64 x 64 input) and as modules "
+        "nest more deeply (a chain of conv-bn blocks, each nested in the previous one).",
+        "",
+        _scaling(results, [t for t in tools if results["scaling"] and t in results["scaling"][0]]),
+        "",
+        *([f"![scaling]({plots[1]})", ""] if len(plots) > 1 else []),
+    ]
+    (out / "benchmarks.md").write_text("\n".join(parts))
