@@ -9,8 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 import bnfold
 from bnfold import compat
@@ -32,10 +34,38 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def norm_count(model: nn.Module) -> int:
-    """BatchNorm-family layers left in a model (torchvision/timm frozen variants included)."""
-    kinds = (_BatchNorm, *compat.frozen_batchnorm_types(), *compat.frozen_norm_act_types())
-    return sum(isinstance(m, kinds) for m in model.modules())
+class _NormCounter(TorchFunctionMode):
+    """Counts batch-norm computations in one forward pass, however the model is built (modules, a
+    GraphModule with inlined functional calls, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in (F.batch_norm, F.instance_norm, torch.batch_norm, torch.instance_norm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def norm_count(model: nn.Module, x: torch.Tensor) -> int:
+    """Batch-norm computations run by one forward pass of ``model`` on ``x`` (frozen batch norms, which
+    compute x * scale + shift themselves, are counted by module)."""
+    frozen = (*compat.frozen_batchnorm_types(), *compat.frozen_norm_act_types())
+    calls = [0]
+    handles = [
+        m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for m in model.modules()
+        if isinstance(m, frozen)
+    ]
+    counter = _NormCounter()
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.count + calls[0]
 
 
 def fold_bnfold(model: nn.Module, x: torch.Tensor) -> nn.Module:

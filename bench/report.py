@@ -111,7 +111,7 @@ def _coverage(results: dict[str, Any], tools: list[str]) -> str:
                 extra = f" (+{info['sites'] - done} other)"
             cells.append(f"{done}{extra}, {_fmt_err(err)}{mark}")
         rows.append(cells)
-    return _table(["model", "BN layers", *tools], rows)
+    return _table(["model", "BN run", *tools], rows)
 
 
 def _latency(results: dict[str, Any], tools: list[str]) -> str:

@@ -256,6 +256,7 @@ def test_whole_model_in_training_mode_warns_once_and_folds_nothing():
     with pytest.warns(UserWarning, match=r"model.eval\(\)") as record:
         folded = bnfold.fold(model, torch.randn(2, 3, 6, 6))
     assert len([w for w in record if "training mode" in str(w.message)]) == 1
+    assert record[0].filename == __file__
     assert isinstance(folded[1], nn.BatchNorm2d) and folded.training and model.training
 
 

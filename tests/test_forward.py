@@ -209,3 +209,15 @@ def test_fastai_style_head_folds_both_batchnorm1d():
     head = [s for s in result.report.plan.sites if s.norm_type == "BatchNorm1d"]
     assert [(s.direction, s.partners) for s in head] == [("forward", ("1.4",)), ("forward", ("1.8",))]
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
+
+
+def test_same_padding_conv_takes_norms_after_it_but_never_before():
+    from timm.layers import create_conv2d
+
+    conv = create_conv2d(4, 4, 3, padding="same", stride=2)  # timm's Conv2dSame: zero padding at run time
+    assert type(conv).__name__ == "Conv2dSame"
+    before = nn.Sequential(nn.BatchNorm2d(4), conv).eval()
+    result = check_fold(before, torch.randn(2, 4, 7, 7), folded=0, kept=1)
+    assert "no forward fold rule for Conv2dSame" in result.report.plan.kept[0].reason
+    after = nn.Sequential(create_conv2d(4, 4, 3, padding="same", stride=2), nn.BatchNorm2d(4)).eval()
+    check_fold(after, torch.randn(2, 4, 7, 7), folded=1, kept=0)

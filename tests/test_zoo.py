@@ -34,6 +34,7 @@ TORCHVISION = {
 
 TIMM = {
     "efficientnet_b0": (49, 0, 64),  # BatchNormAct2d throughout
+    "tf_efficientnet_b0": (49, 0, 64),  # Conv2dSame ('same' padding computed at run time); not fx-traceable
     "mobilenetv3_small_050": (34, 0, 64),
     "resnet18": (20, 0, 64),
     "cspresnet50": (55, 0, 64),

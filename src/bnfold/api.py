@@ -61,20 +61,23 @@ def _discover(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) 
     return trace_execution(model, args, recorded, layer_types(rules))
 
 
-def _warn_training(model: nn.Module, plan: FoldPlan) -> None:
+def _warn_training(model: nn.Module, plan: FoldPlan, stacklevel: int) -> None:
     if model.training and any(k.reason.startswith(TRAINING_REASON_PREFIX) for k in plan.kept):
         warnings.warn(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics, so its norm "
             "layers cannot be folded; call model.eval() before bnfold.fold()",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
 
 
-def _plan(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> tuple[FoldPlan, DataFlowGraph]:
+def _plan(
+    model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable, stacklevel: int
+) -> tuple[FoldPlan, DataFlowGraph]:
+    """Discover and plan; ``stacklevel`` points a warning at the user's call (1 = the caller of _plan)."""
     graph = _discover(model, args, rules)
     found = make_plan(model, graph, rules)
-    _warn_training(model, found)
+    _warn_training(model, found, stacklevel + 1)
     return found, graph
 
 
@@ -97,7 +100,7 @@ def plan(
     """
     model = _check_model(model, "plan")
     args = _check_inputs(example_inputs)
-    found, _ = _plan(model, args, build_rules(extra_rules))
+    found, _ = _plan(model, args, build_rules(extra_rules), stacklevel=2)
     return found
 
 
@@ -124,12 +127,22 @@ def fold_with_report(
     >>> result.report.folded, result.report.kept
     (1, 0)
     """
+    return _fold(model, example_inputs, inplace, extra_rules)
+
+
+def _fold(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...] | None,
+    inplace: bool,
+    extra_rules: Iterable[FoldRule] | None,
+) -> FoldResult:
+    """The body of fold() and fold_with_report(), called directly by both (warnings point at the user)."""
     model = _check_model(model, "fold")
     args = _check_inputs(example_inputs)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     rules = build_rules(extra_rules)
-    found, graph = _plan(model, args, rules)
+    found, graph = _plan(model, args, rules, stacklevel=3)
     params_before, bytes_before = model_size(model)
     target = model if inplace else clone_model(model)
     undo = apply_plan(target, found, rules)
@@ -176,7 +189,7 @@ def fold(
     >>> type(folded[1]).__name__
     'Identity'
     """
-    return fold_with_report(model, example_inputs, inplace=inplace, extra_rules=extra_rules).model
+    return _fold(model, example_inputs, inplace, extra_rules).model
 
 
 class BN_Folder:  # noqa: N801 - the name fasterai code already uses

@@ -1,13 +1,14 @@
-"""Optional third-party layer types (torchvision, timm), imported only when installed.
+"""Optional third-party layer types (torchvision, timm).
 
-bnfold depends on torch alone; these functions return the extra norm classes it
-knows how to fold when their library is present, and nothing otherwise.
+bnfold depends on torch alone; these functions return the extra layer classes it
+knows how to fold when their library is loaded, and nothing otherwise. They never
+import a library themselves: a model can only hold a timm or torchvision layer once
+that library has been imported, and importing one costs a second or more.
 """
 
 from __future__ import annotations
 
-import importlib
-from functools import cache
+import sys
 
 from torch import nn
 
@@ -18,14 +19,12 @@ __all__ = [
     "sync_norm_act_types",
     "layer_scale_types",
     "layer_scale_2d_types",
+    "same_padding_conv_types",
 ]
 
 
 def _optional(module: str, name: str) -> type[nn.Module] | None:
-    try:
-        found = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
+    found = getattr(sys.modules.get(module), name, None)
     return found if isinstance(found, type) and issubclass(found, nn.Module) else None
 
 
@@ -33,37 +32,36 @@ def _present(*candidates: type[nn.Module] | None) -> tuple[type[nn.Module], ...]
     return tuple(c for c in candidates if c is not None)
 
 
-@cache
 def frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
     """Norms with fixed statistics stored as buffers: torchvision's ``FrozenBatchNorm2d``."""
     return _present(_optional("torchvision.ops.misc", "FrozenBatchNorm2d"))
 
 
-@cache
 def norm_act_types() -> tuple[type[nn.Module], ...]:
     """BatchNorm2d subclasses that also apply dropout and an activation: timm's ``BatchNormAct2d``."""
     return _present(_optional("timm.layers.norm_act", "BatchNormAct2d"))
 
 
-@cache
 def sync_norm_act_types() -> tuple[type[nn.Module], ...]:
     """SyncBatchNorm subclasses that also apply dropout and an activation: timm's ``SyncBatchNormAct``."""
     return _present(_optional("timm.layers.norm_act", "SyncBatchNormAct"))
 
 
-@cache
 def frozen_norm_act_types() -> tuple[type[nn.Module], ...]:
     """Frozen batch norms that also apply dropout and an activation: timm's ``FrozenBatchNormAct2d``."""
     return _present(_optional("timm.layers.norm_act", "FrozenBatchNormAct2d"))
 
 
-@cache
 def layer_scale_types() -> tuple[type[nn.Module], ...]:
     """Per-channel scales on channels-last tensors: timm's ``LayerScale`` (``x * gamma``)."""
     return _present(_optional("timm.layers", "LayerScale"))
 
 
-@cache
 def layer_scale_2d_types() -> tuple[type[nn.Module], ...]:
     """Per-channel scales on NCHW tensors: timm's ``LayerScale2d``."""
     return _present(_optional("timm.layers", "LayerScale2d"))
+
+
+def same_padding_conv_types() -> tuple[type[nn.Module], ...]:
+    """Conv2d subclasses that pad 'same' at run time with zeros: timm's ``Conv2dSame`` (backward only)."""
+    return _present(_optional("timm.layers.conv2d_same", "Conv2dSame"))

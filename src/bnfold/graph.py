@@ -198,8 +198,11 @@ def _is_uninitialized(t: Tensor) -> bool:
 
 def _op_name(func: Callable[..., Any]) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    if name.endswith(".__get__"):
-        name = name[: -len(".__get__")]
+    if name.endswith("__get__"):
+        # a property read (x.dtype, x.shape): the descriptor is bound to the func
+        descriptor = getattr(func, "__self__", None)
+        attr = getattr(descriptor, "__name__", None)
+        name = f"Tensor.{attr}" if attr else name[: -len(".__get__")]
     return name.replace("TensorBase.", "Tensor.")
 
 

@@ -256,6 +256,15 @@ def builtin_rules() -> dict[RuleKey, FoldRule]:
                     rules.append(FoldRule(layer, norm_act, replacement=norm_act_replacement))
                 for frozen_act in compat.frozen_norm_act_types():
                     rules.append(FoldRule(layer, frozen_act, check=no_reason, replacement=norm_act_replacement))
+    # timm's Conv2dSame computes its padding at run time (zeros), so it only takes norms after it.
+    for conv in compat.same_padding_conv_types():
+        for norm in (nn.BatchNorm2d, nn.SyncBatchNorm, *compat.norm_act_types(), *compat.sync_norm_act_types()):
+            replacement = (
+                norm_act_replacement
+                if norm in compat.norm_act_types() + compat.sync_norm_act_types()
+                else identity_replacement
+            )
+            rules.append(FoldRule(conv, norm, replacement=replacement))
     # Layer scales (x * gamma, per channel) fold like a norm with scale gamma and no shift.
     for scale in compat.layer_scale_types():
         rules.append(

@@ -180,13 +180,13 @@ def _fold_into(layer: nn.Module, norm: nn.Module, rule: FoldRule, undo: Undo) ->
         _write_bias(layer, torch.ones_like(response), response, undo)
 
 
-def _locations(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every (parent, attribute) under which ``target`` is registered (a module may have aliases)."""
-    found = []
-    for _, parent in model.named_modules(remove_duplicate=False):
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute) under which each module is registered (a module may have aliases)."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
         for attr, child in parent._modules.items():
-            if child is target:
-                found.append((parent, attr))
+            if child is not None:
+                found.setdefault(id(child), []).append((parent, attr))
     return found
 
 
@@ -197,9 +197,9 @@ def _setter(parent: nn.Module, attr: str, module: nn.Module) -> Callable[[], Non
     return put_back
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> None:
+def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module, undo: Undo) -> None:
     new.train(old.training)
-    for parent, attr in _locations(model, old):
+    for parent, attr in parents.get(id(old), []):
         parent._modules[attr] = new
         undo.append(_setter(parent, attr, old))
 
@@ -212,10 +212,12 @@ def _constant(model: nn.Module, name: str) -> Tensor:
     return value
 
 
-def _apply_channelwise(model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo) -> None:
+def _apply_channelwise(
+    modules: dict[str, nn.Module], model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo
+) -> None:
     kind = site.norm_type[len(CHANNELWISE_PREFIX) :]
     constant = _constant(model, site.norm)
-    layer = model.get_submodule(site.partners[0])
+    layer = modules[site.partners[0]]
     layout = next(r for k, r in rules.items() if k[0] is layer_type(layer)).weight_layout
     channels = int(effective_weight(layer).shape[1 if layout == "conv_transpose" else 0])
     channels *= int(getattr(layer, "groups", 1)) if layout == "conv_transpose" else 1
@@ -225,26 +227,35 @@ def _apply_channelwise(model: nn.Module, site: FoldSite, rules: RuleTable, undo:
     _copy_into(constant, neutral_value(kind, constant), undo)
 
 
-def _apply_site(model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo) -> None:
+def _apply_site(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    parents: dict[int, list[tuple[nn.Module, str]]],
+    site: FoldSite,
+    rules: RuleTable,
+    undo: Undo,
+) -> None:
     if site.norm_type.startswith(CHANNELWISE_PREFIX):
-        _apply_channelwise(model, site, rules, undo)
+        _apply_channelwise(modules, model, site, rules, undo)
         return
-    norm = model.get_submodule(site.norm)
+    norm = modules[site.norm]
     rule = None
     for partner in site.partners:
-        layer = model.get_submodule(partner)
+        layer = modules[partner]
         rule = rules[(layer_type(layer), layer_type(norm), site.direction)]
         _fold_into(layer, norm, rule, undo)
     if rule is not None:
-        _replace(model, norm, rule.replacement(norm), undo)
+        _replace(parents, norm, rule.replacement(norm), undo)
 
 
 def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> Undo:
     """Fold every site of ``plan`` into ``model`` in place; return the log that undoes it (run in reverse)."""
     undo: Undo = []
+    modules = dict(model.named_modules())
+    parents = _parents(model)
     for site in plan.sites:
         try:
-            _apply_site(model, site, rules, undo)
+            _apply_site(model, modules, parents, site, rules, undo)
         except Exception as error:
             undo_all(undo)
             raise FoldError(
