@@ -103,7 +103,10 @@ def _ao_pairs(model: nn.Module, x: torch.Tensor) -> list[list[str]]:
 def fold_ao(model: nn.Module, x: torch.Tensor) -> nn.Module:
     from torch.ao.quantization import fuse_modules
 
-    return fuse_modules(model, _ao_pairs(model, x))
+    pairs = _ao_pairs(model, x)
+    if not pairs:  # fuse_modules asserts on an empty list: nothing to fuse is a result, not a failure
+        return copy.deepcopy(model)
+    return fuse_modules(model, pairs)
 
 
 def fold_aimet(model: nn.Module, x: torch.Tensor) -> nn.Module:

@@ -285,3 +285,20 @@ def test_verification_failure_exits_4_and_writes_nothing(tmp_path, pickled, monk
     assert code == 4
     assert "verification failed, nothing was written" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dtype_option(tmp_path):
+    done = bnfold_cmd(
+        "torchvision:resnet18", "--input-shape", "1,3,32,32", "--dtype", "bfloat16", "--json", "-q", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["folded"] == 20 and report["max_rel_error"] < 6e-2
+
+
+def test_cuda_device_runs_where_present_and_is_refused_where_absent(tmp_path):
+    done = bnfold_cmd("torchvision:resnet18", "--input-shape", "1,3,32,32", "--device", "cuda", "-q", cwd=tmp_path)
+    if torch.cuda.is_available():
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2 and "CUDA is not available" in done.stderr

@@ -145,7 +145,7 @@ def _fold(
     found, graph = _plan(model, args, rules, stacklevel=3)
     params_before, bytes_before = model_size(model)
     target = model if inplace else clone_model(model)
-    undo = apply_plan(target, found, rules)
+    undo = apply_plan(target, found, rules, undoable=inplace)  # a failed copy is simply dropped
     abs_error = rel_error = None
     worst = None
     if args is not None:

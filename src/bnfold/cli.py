@@ -30,7 +30,7 @@ from torch import nn
 from . import __version__
 from .api import fold_with_report, plan
 from .errors import BnfoldError, TraceError, VerificationError
-from .report import FoldReport, render_plan, render_report
+from .report import FoldReport, plan_rows, render_plan, render_report
 from .zoo import ArchitectureError, build_named_model, parse_model_name
 
 __all__ = ["main", "ExitCode"]
@@ -434,7 +434,7 @@ def run(argv: list[str] | None, stdout: IO[str], stderr: IO[str]) -> int:
             found = plan(model, example)
         if args.json:
             json.dump(
-                {"folded": len(found.sites), "kept": len(found.kept), "dry_run": True, "layers": _plan_rows(found)},
+                {"folded": len(found.sites), "kept": len(found.kept), "dry_run": True, "layers": plan_rows(found)},
                 stdout,
                 indent=2,
             )
@@ -478,21 +478,6 @@ def run(argv: list[str] | None, stdout: IO[str], stderr: IO[str]) -> int:
         stderr.write(f"bnfold: the ONNX model's outputs differ from PyTorch's by {onnx_result['max_abs_error']:.3g}\n")
         return ExitCode.OUTPUT
     return ExitCode.OK
-
-
-def _plan_rows(found: Any) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": row.norm,
-            "type": row.norm_type,
-            "decision": row.decision,
-            "partner": row.partner,
-            "partners": list(getattr(row, "partners", ())),
-            "direction": getattr(row, "direction", None),
-            "reason": getattr(row, "reason", None),
-        }
-        for row in found.rows
-    ]
 
 
 def _text_report(

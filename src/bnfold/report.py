@@ -10,7 +10,7 @@ from torch import nn
 
 from .planning import FoldPlan, FoldSite
 
-__all__ = ["FoldReport", "model_size", "render_plan", "render_report"]
+__all__ = ["FoldReport", "model_size", "plan_rows", "render_plan", "render_report"]
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
@@ -60,18 +60,7 @@ class FoldReport:
             "traced_with": self.plan.traced_with,
             "folded": self.folded,
             "kept": self.kept,
-            "layers": [
-                {
-                    "name": row.norm,
-                    "type": row.norm_type,
-                    "decision": row.decision,
-                    "partner": row.partner,
-                    "partners": list(getattr(row, "partners", ())),
-                    "direction": getattr(row, "direction", None),
-                    "reason": getattr(row, "reason", None),
-                }
-                for row in self.plan.rows
-            ],
+            "layers": plan_rows(self.plan),
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
             "bytes_before": self.bytes_before,
@@ -83,6 +72,22 @@ class FoldReport:
 
     def __str__(self) -> str:
         return render_report(self)
+
+
+def plan_rows(plan: FoldPlan) -> list[dict[str, Any]]:
+    """One JSON-ready dict per row of the plan: name, type, decision, partner(s), direction, reason."""
+    return [
+        {
+            "name": row.norm,
+            "type": row.norm_type,
+            "decision": row.decision,
+            "partner": row.partner,
+            "partners": list(row.partners) if isinstance(row, FoldSite) else ([row.partner] if row.partner else []),
+            "direction": row.direction if isinstance(row, FoldSite) else None,
+            "reason": None if isinstance(row, FoldSite) else row.reason,
+        }
+        for row in plan.rows
+    ]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -25,7 +25,18 @@ from .rules import FoldRule, RuleTable, layer_type, require_tensor, tensor_attr
 
 __all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine"]
 
-Undo = list[Callable[[], None]]
+
+class Undo:
+    """The steps that put a model back as it was, in the order they were taken. A disabled log records
+    nothing (folding a copy that is thrown away on failure needs no way back, nor the memory for it)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.steps: list[Callable[[], None]] = []
+
+    def append(self, step: Callable[[], None]) -> None:
+        if self.enabled:
+            self.steps.append(step)
 
 
 def clone_model(model: nn.Module) -> nn.Module:
@@ -99,7 +110,7 @@ def effective_weight(layer: nn.Module) -> Tensor:
 
 
 def _copy_into(t: Tensor, value: Tensor, undo: Undo) -> None:
-    old = t.detach().clone()
+    old = t.detach().clone() if undo.enabled else t
     with torch.no_grad():
         t.copy_(value)
 
@@ -248,9 +259,10 @@ def _apply_site(
         _replace(parents, norm, rule.replacement(norm), undo)
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> Undo:
-    """Fold every site of ``plan`` into ``model`` in place; return the log that undoes it (run in reverse)."""
-    undo: Undo = []
+def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable, *, undoable: bool = True) -> Undo:
+    """Fold every site of ``plan`` into ``model`` in place; return the log that undoes it (see undo_all).
+    With ``undoable=False`` nothing is recorded: for a copy that is discarded if anything fails."""
+    undo = Undo(undoable)
     modules = dict(model.named_modules())
     parents = _parents(model)
     for site in plan.sites:
@@ -267,6 +279,6 @@ def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> Undo:
 
 def undo_all(undo: Undo) -> None:
     """Put the model back as it was before :func:`apply_plan`."""
-    for step in reversed(undo):
+    for step in reversed(undo.steps):
         step()
-    undo.clear()
+    undo.steps.clear()
