@@ -131,14 +131,12 @@ def _cost(results: dict[str, Any], tools: list[str]) -> str:
         cells = [row["model"]]
         probes = results["memory"].get(row["model"], {})
         for tool in tools:
-            p = probes.get(tool)
-            if not p:
-                cells.append("n/a")
-            elif p.get("error"):
-                cells.append("fails")
-            else:
-                mem = f"{p['peak_extra_mb']:.0f} MB" if p.get("peak_extra_mb") is not None else "?"
-                cells.append(f"{p['fold_s']:.2f} s, {mem}")
+            info = row["tools"].get(tool, {})
+            if info.get("error"):
+                cells.append("fails" if info["error"] != "not installed" else "n/a")
+                continue
+            mb = (probes.get(tool) or {}).get("peak_extra_mb")
+            cells.append(f"{info['fold_s']:.2f} s, " + (f"{mb:.0f} MB" if mb is not None else "?"))
         rows.append(cells)
     return _table(["model", *tools], rows)
 
@@ -278,8 +276,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         *([f"![speed-up]({plots[0]})", ""] if plots else []),
         "## Cost of folding",
         "",
-        "Fold time and peak extra resident memory of the fold call, each measured in a fresh process "
-        "(bnfold's time includes copying the model, tracing it and checking the outputs on the example input).",
+        "Fold time of the call as its users make it (measured in the benchmark process, after warm-up; "
+        "bnfold's time includes copying the model, running it to trace and running the copy to check the outputs) "
+        "and peak extra resident memory of the call (measured in a fresh process per tool and model).",
         "",
         _cost(results, tools),
         "",
@@ -292,8 +291,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         "## Scaling",
         "",
-        "Fold time and peak extra memory as models grow (resnet18 to resnet152 at 64 x 64 input) and as modules "
-        "nest more deeply (a chain of conv-bn blocks, each nested in the previous one).",
+        "Fold time (median of 3 in the benchmark process) and peak extra memory (fresh process) as models grow "
+        "(resnet18 to resnet152 at 64 x 64 input) and as modules nest more deeply (a chain of conv-bn blocks, each "
+        "nested in the previous one).",
         "",
         _scaling(results, [t for t in tools if results["scaling"] and t in results["scaling"][0]]),
         "",

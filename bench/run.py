@@ -177,14 +177,24 @@ def bench_precision(entries: list[BenchModel], tools: list[Peer]) -> list[dict[s
 
 
 def bench_scaling(entries: list[BenchModel], tools: list[Peer], workers: int) -> list[dict[str, Any]]:
+    """Fold time in this process (median of 3, warm) and peak extra memory in fresh processes."""
     rows = []
     memory = bench_memory(entries, tools, workers)
     for entry in entries:
+        log(f"[scaling] {entry.name}")
         model = build(entry)
+        x = input_for(entry)
         params = sum(p.numel() for p in model.parameters())
         row: dict[str, Any] = {"model": entry.name, "parameters": params, "modules": len(list(model.modules()))}
         for peer in tools:
-            row[peer.name] = memory.get(entry.name, {}).get(peer.name, {})
+            probe_result = memory.get(entry.name, {}).get(peer.name, {})
+            times = [run_tool(peer, model, x) for _ in range(3)]
+            errors = [error for _, _, error in times if error]
+            row[peer.name] = {
+                "fold_s": None if errors else statistics.median(seconds for _, seconds, _ in times),
+                "peak_extra_mb": probe_result.get("peak_extra_mb"),
+                "error": errors[0] if errors else probe_result.get("error"),
+            }
         rows.append(row)
     return rows
 
