@@ -17,13 +17,17 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize, prune
 
 from . import channelwise
+from .arithmetic import Layout
 from .graph import Call, DataFlowGraph, ValueKey
 from .rules import (
     Direction,
     FoldRule,
     RuleTable,
+    in_channels,
     is_norm_layer,
     layer_type,
+    layout_for,
+    out_channels,
     require_tensor,
     tensor_attr,
     unfoldable_reason,
@@ -138,25 +142,9 @@ def _fixed_input_ndim(norm: nn.Module) -> int | None:
     return None
 
 
-def _out_channels(layer: nn.Module, rule: FoldRule) -> int:
-    weight = require_tensor(layer, "weight")
-    if rule.weight_layout == "conv_transpose":
-        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
-    return int(weight.shape[0])
-
-
-def _in_channels(layer: nn.Module, rule: FoldRule) -> int:
-    weight = require_tensor(layer, "weight")
-    if rule.weight_layout == "conv":
-        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
-    if rule.weight_layout == "conv_transpose":
-        return int(weight.shape[0])
-    return int(weight.shape[1])
-
-
-def _channel_axis(layer: nn.Module, rule: FoldRule, ndim: int) -> int:
+def _channel_axis(layer: nn.Module, layout: Layout, ndim: int) -> int:
     """The channel axis of a layer's input or output of rank ``ndim`` (convs accept unbatched input)."""
-    if rule.weight_layout == "linear":
+    if layout == "linear":
         return ndim - 1
     return 1 if ndim == require_tensor(layer, "weight").dim() else 0
 
@@ -242,13 +230,13 @@ def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     if len(source.outputs) != 1:
         raise _Kept(f"'{name}' returns several tensors", name)
     channels = rule.affine(norm)[0].numel()
-    if channels != _out_channels(layer, rule):
-        raise _Kept(f"it has {channels} channels but '{name}' makes {_out_channels(layer, rule)}", name)
+    if channels != out_channels(layer, rule.weight_layout):
+        raise _Kept(f"it has {channels} channels but '{name}' makes {out_channels(layer, rule.weight_layout)}", name)
     if graph.has_shapes:
         out_ndim, in_ndim = source.output_ndims[0], call.input_ndims[0]
         if out_ndim is None or in_ndim is None:
             raise _Kept("the shape of its input is unknown", name)
-        norm_axis, layer_axis = rule.channel_axis(norm, in_ndim), _channel_axis(layer, rule, out_ndim)
+        norm_axis, layer_axis = rule.channel_axis(norm, in_ndim), _channel_axis(layer, rule.weight_layout, out_ndim)
         if norm_axis != layer_axis:
             raise _Kept(
                 f"it normalizes axis {norm_axis} of its input, but the output channels of '{name}' are axis {layer_axis}",
@@ -369,7 +357,7 @@ def _check_forward_partner(
     if reason:
         raise _Kept(reason, name)
     channels = rule.affine(norm)[0].numel()
-    in_features = _in_channels(layer, rule)
+    in_features = in_channels(layer, rule.weight_layout)
     if flattened and rule.weight_layout == "linear":
         if in_features % channels:
             raise _Kept(
@@ -385,7 +373,7 @@ def _check_forward_partner(
         if flattened:
             ok = norm_axis == 1 and layer_ndim == 2 and rule.weight_layout == "linear"
         else:
-            ok = norm_in_ndim == layer_ndim and norm_axis == _channel_axis(layer, rule, layer_ndim)
+            ok = norm_in_ndim == layer_ndim and norm_axis == _channel_axis(layer, rule.weight_layout, layer_ndim)
         if not ok:
             raise _Kept(
                 f"it normalizes axis {norm_axis}, which is not the axis of the input channels of '{name}'", name
@@ -481,8 +469,7 @@ def _channelwise_ops(ctx: _Context, norm_sites: list[FoldSite]) -> list[FoldSite
             module, out = call.module, call.outputs[0]
             shape = call.output_shapes[0]
             if layer_type(module) in layers and shape is not None:
-                rule = next(r for k, r in ctx.rules.items() if k[0] is layer_type(module))
-                source[out] = (module, _channel_axis(module, rule, len(shape)))
+                source[out] = (module, _channel_axis(module, layout_for(module, ctx.rules), len(shape)))
             elif ctx.name(module) in backward_norms and call.inputs[0] in source:
                 source[out] = source[call.inputs[0]]
             elif (

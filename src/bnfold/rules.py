@@ -29,6 +29,9 @@ __all__ = [
     "FoldedNormAct",
     "RuleTable",
     "RuleKey",
+    "layout_for",
+    "out_channels",
+    "in_channels",
     "Direction",
     "builtin_rules",
     "build_rules",
@@ -228,6 +231,34 @@ class FoldRule:
 
 RuleKey = tuple[type[nn.Module], type[nn.Module], str]
 RuleTable = Mapping[RuleKey, FoldRule]
+
+
+def layout_for(layer: nn.Module, rules: RuleTable) -> Layout:
+    """How ``layer`` stores its weight, as the rules for its type say."""
+    kind = layer_type(layer)
+    for (rule_layer, _, _), rule in rules.items():
+        if rule_layer is kind:
+            return rule.weight_layout
+    raise KeyError(f"no fold rule mentions {kind.__name__}")
+
+
+def out_channels(layer: nn.Module, layout: Layout) -> int:
+    """The number of output channels of a Conv/ConvTranspose/Linear-like layer."""
+    weight = require_tensor(layer, "weight")
+    if layout == "conv_transpose":
+        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
+    return int(weight.shape[0])
+
+
+def in_channels(layer: nn.Module, layout: Layout) -> int:
+    """The number of input channels (features, for a Linear) of a Conv/ConvTranspose/Linear-like layer."""
+    weight = require_tensor(layer, "weight")
+    if layout == "conv":
+        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
+    if layout == "conv_transpose":
+        return int(weight.shape[0])
+    return int(weight.shape[1])
+
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

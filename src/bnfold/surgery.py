@@ -21,7 +21,7 @@ from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_cha
 from .channelwise import affine_of_op, neutral_value
 from .errors import FoldError
 from .planning import CHANNELWISE_PREFIX, FoldPlan, FoldSite
-from .rules import FoldRule, RuleTable, layer_type, require_tensor, tensor_attr
+from .rules import FoldRule, RuleTable, layer_type, layout_for, out_channels, require_tensor, tensor_attr
 
 __all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine"]
 
@@ -229,10 +229,8 @@ def _apply_channelwise(
     kind = site.norm_type[len(CHANNELWISE_PREFIX) :]
     constant = _constant(model, site.norm)
     layer = modules[site.partners[0]]
-    layout = next(r for k, r in rules.items() if k[0] is layer_type(layer)).weight_layout
-    channels = int(effective_weight(layer).shape[1 if layout == "conv_transpose" else 0])
-    channels *= int(getattr(layer, "groups", 1)) if layout == "conv_transpose" else 1
-    scale, shift = affine_of_op(kind, constant, channels)
+    layout = layout_for(layer, rules)
+    scale, shift = affine_of_op(kind, constant, out_channels(layer, layout))
     _write_weight(layer, scale, layout, "output", undo)
     _write_bias(layer, scale, shift, undo)
     _copy_into(constant, neutral_value(kind, constant), undo)
