@@ -203,7 +203,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 models and fewer runs (under 3 minutes)")
     parser.add_argument("--out", type=Path, default=DOCS, help="where to write benchmarks.md, .json and plots")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from benchmarks.json")
     args = parser.parse_args()
+    if args.report_only:
+        from report import write_report
+
+        write_report(json.loads((args.out / "benchmarks.json").read_text()), args.out)
+        return
     started = time.perf_counter()
     torch.manual_seed(0)
     tools = peers()
