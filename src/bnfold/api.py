@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import FoldError
 from .graph import DataFlowGraph, detached_copy, preserved_buffers, seeded, trace_execution, trace_symbolic
 from .planning import TRAINING_REASON_PREFIX, FoldPlan, layer_types, make_plan, norm_types
 from .report import FoldReport, model_size
@@ -57,8 +58,8 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 def _discover(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> DataFlowGraph:
     recorded = layer_types(rules) | norm_types(rules)
     if args is None:
-        return trace_symbolic(model, recorded, layer_types(rules))
-    return trace_execution(model, args, recorded, layer_types(rules))
+        return trace_symbolic(model, recorded, recorded)
+    return trace_execution(model, args, recorded, recorded)
 
 
 def _warn_training(model: nn.Module, plan: FoldPlan, stacklevel: int) -> None:
@@ -150,8 +151,14 @@ def _fold(
     worst = None
     if args is not None:
         try:
-            with torch.no_grad(), preserved_buffers(target), seeded(target):
-                actual = target(*detached_copy(args))
+            try:
+                with torch.no_grad(), preserved_buffers(target), seeded(target):
+                    actual = target(*detached_copy(args))
+            except Exception as error:  # the model's own code relied on something folding removed
+                raise FoldError(
+                    f"the folded {type(model).__name__} could not run on example_inputs "
+                    f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
+                ) from error
             diffs = check_outputs(graph.reference_outputs, actual)
         except BaseException:
             undo_all(undo)

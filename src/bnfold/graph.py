@@ -391,7 +391,7 @@ def trace_execution(
     """Run ``model(*args)`` once (no grad, fixed seed, buffers restored) and record its data flow.
 
     ``recorded_types`` are recorded as single calls (their internals are not looked at);
-    ``watched_types`` are layers whose parameters must not be used outside their own call.
+    ``watched_types`` are layers and norms whose parameters must not be used outside their own call.
     """
     tracer = _ExecutionTracer(model, recorded_types, watched_types)
     handles = []

@@ -428,6 +428,8 @@ def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
         raise _Kept(f"it is called {len(calls)} times in one forward pass (shared)")
     if len(norm._forward_hooks) > 0 or len(norm._forward_pre_hooks) > 0:
         raise _Kept("it has forward hooks, which would be lost")
+    if id(norm) in ctx.graph.foreign_uses:
+        raise _Kept(f"its parameters are also used outside it (by {ctx.graph.foreign_uses[id(norm)]})")
     if calls[0] < 0:
         raise _Kept("it runs inside another layer bnfold treats as a whole")
     norm_rules = [rule for key, rule in ctx.rules.items() if key[1] is layer_type(norm)]
