@@ -442,3 +442,47 @@ def test_folded_model_that_cannot_run_is_a_fold_error_and_nothing_changes():
     with pytest.raises(bnfold.FoldError, match=r"^the folded NeedsTheNorm could not run on example_inputs"):
         bnfold.fold(model, torch.randn(2, 3, 6, 6), inplace=True)
     assert isinstance(model.bn, nn.BatchNorm2d)
+
+
+class MixedConv(nn.Module):
+    """Channels split over convs of different kernels, concatenated, then normalized (MixNet)."""
+
+    def __init__(self, extra_use: bool = False, with_input: bool = False):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(2, 3, 1), nn.Conv2d(2, 5, 3, padding=1, bias=False)])
+        self.bn = nn.BatchNorm2d(12 if with_input else 8)
+        self.extra_use, self.with_input = extra_use, with_input
+
+    def forward(self, x):
+        a, b = torch.split(x, 2, dim=1)
+        outs = [self.convs[0](a), self.convs[1](b)]
+        if self.with_input:
+            outs.append(x)
+        y = self.bn(torch.cat(outs, dim=1))
+        return (y, outs[0]) if self.extra_use else y
+
+
+def test_norm_after_a_channel_concat_of_layers_folds_into_each_slice():
+    result = check_fold(MixedConv().eval(), torch.randn(2, 4, 5, 5), folded=1, kept=0)
+    assert result.report.plan.sites[0].partners == ("convs.0", "convs.1")
+
+
+def test_norm_after_a_concat_with_a_non_layer_or_a_shared_part_is_kept():
+    result = check_fold(MixedConv(with_input=True).eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    assert "model input" in result.report.plan.kept[0].reason
+    result = check_fold(MixedConv(extra_use=True).eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    assert "also used elsewhere" in result.report.plan.kept[0].reason
+
+
+def test_concat_along_another_axis_is_kept():
+    class SpatialCat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.a(x), self.b(x)], dim=2))
+
+    result = check_fold(SpatialCat().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+    assert "along axis 2" in result.report.plan.kept[0].reason

@@ -44,8 +44,8 @@ TIMM = {
     "ghostnet_050": (80, 0, 64),
     # the identity-branch BatchNorm of each RepVGG block reads the previous block's ReLU output
     "repvgg_a0": (44, 17, 64),
-    # mixed depthwise convs are split and concatenated before their norm
-    "mixnet_s": (15, 34, 64),
+    # mixed depthwise convs are split and concatenated before their norm: each takes its slice
+    "mixnet_s": (49, 0, 64),
     # the 12 layer scales (x.mul(gamma)) fold into each block's fc2; the 17 LayerNorms stay
     "convnext_atto": (12, 17, 64),
 }

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize, prune
 
 from . import channelwise
 from .arithmetic import Layout
-from .graph import Call, DataFlowGraph, ValueKey
+from .graph import Call, DataFlowGraph, TensorRef, ValueKey
 from .rules import (
     Direction,
     FoldRule,
@@ -216,6 +216,8 @@ def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     source = graph.calls[source_index]
     if source.kind == "input":
         raise _Kept("its input is a model input: there is no layer before it to fold into")
+    if source.kind == "function" and source.target in _CAT_OPS:
+        return _backward_through_cat(norm, call, source, ctx)
     if source.kind != "module" or source.module is None:
         raise _Kept(
             f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target
@@ -247,6 +249,59 @@ def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     if parametrize.is_parametrized(layer, "bias") and tensor_attr(layer, "bias") is None:
         raise _Kept(f"'{name}' has a parametrized bias that is None", name)
     return FoldSite(ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward")
+
+
+_CAT_OPS = {"_VariableFunctionsClass.cat", "_VariableFunctionsClass.concat", "_VariableFunctionsClass.concatenate"}
+
+
+def _backward_through_cat(norm: nn.Module, call: Call, cat: Call, ctx: _Context) -> FoldSite:
+    """Fold into every layer of a channel-wise ``torch.cat``, each taking its slice of the norm's channels."""
+    graph = ctx.graph
+    what = "it reads a torch.cat"
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    in_ndim = call.input_ndims[0]
+    if not graph.has_shapes or in_ndim is None or not isinstance(parts, tuple) or not isinstance(dim, int):
+        raise _Kept(f"{what} that bnfold cannot follow")
+    if not all(isinstance(p, TensorRef) for p in parts):
+        raise _Kept(f"{what} of something other than tensors")
+    if [i for i in graph.consumers.get(call.inputs[0], []) if i != call.index]:
+        raise _Kept(f"{what} whose result is also read elsewhere")
+    layers: list[nn.Module] = []
+    for part in parts:
+        index = graph.producer.get(part.key)
+        source = graph.calls[index] if index is not None else None
+        if source is None or source.kind != "module" or source.module is None:
+            where = "a model input" if source is None or source.kind == "input" else f"'{source.target}'"
+            raise _Kept(f"{what}, and one of its inputs comes from {where}, not from a layer")
+        layer, name = source.module, ctx.name(source.module)
+        rule = _rule_for(layer, norm, "backward", ctx)
+        if graph.consumers.get(part.key, []) != [cat.index] or len(source.outputs) != 1 or layer in layers:
+            raise _Kept(f"{what}, and the output of '{name}' is also used elsewhere", name)
+        out_ndim = source.output_ndims[0]
+        axis = rule.channel_axis(norm, in_ndim)
+        if out_ndim != in_ndim or dim % in_ndim != axis or _channel_axis(layer, rule.weight_layout, out_ndim) != axis:
+            raise _Kept(f"{what} along axis {dim}, not along the channels of '{name}'", name)
+        layers.append(layer)
+    channels = _norm_channels(norm, ctx)
+    total = sum(out_channels(layer, layout_for(layer, ctx.rules)) for layer in layers)
+    if channels != total:
+        raise _Kept(f"{what} of {total} channels, but it has {channels}")
+    return FoldSite(
+        ctx.name(norm),
+        layer_type(norm).__name__,
+        tuple(ctx.name(layer) for layer in layers),
+        tuple(layer_type(layer).__name__ for layer in layers),
+        "backward",
+    )
+
+
+def _norm_channels(norm: nn.Module, ctx: _Context) -> int:
+    """The number of channels a norm normalizes, from any rule for its type."""
+    for (_, norm_kind, _), rule in ctx.rules.items():
+        if norm_kind is layer_type(norm):
+            return int(rule.affine(norm)[0].numel())
+    return -1
 
 
 def _symbolic_rank_check(norm: nn.Module, layer: nn.Module, rule: FoldRule, name: str, flattened: bool) -> None:

@@ -178,8 +178,8 @@ def _write_bias(layer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> N
         _copy_into(bias, fold_bias(bias, scale, shift, bias), undo)
 
 
-def _fold_into(layer: nn.Module, norm: nn.Module, rule: FoldRule, undo: Undo) -> None:
-    scale, shift = rule.affine(norm)
+def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor, rule: FoldRule, undo: Undo) -> None:
+    """Fold the per-channel map ``(scale, shift)`` into ``layer`` in the rule's direction."""
     layout = rule.weight_layout
     if rule.direction == "backward":
         _write_weight(layer, scale, layout, "output", undo)
@@ -249,10 +249,17 @@ def _apply_site(
         return
     norm = modules[site.norm]
     rule = None
+    offset = 0
     for partner in site.partners:
         layer = modules[partner]
         rule = rules[(layer_type(layer), layer_type(norm), site.direction)]
-        _fold_into(layer, norm, rule, undo)
+        scale, shift = rule.affine(norm)
+        if site.direction == "backward" and len(site.partners) > 1:
+            # the norm reads a channel-wise concatenation of the partners' outputs, in this order
+            width = out_channels(layer, rule.weight_layout)
+            scale, shift = scale[offset : offset + width], shift[offset : offset + width]
+            offset += width
+        _fold_into(layer, scale, shift, rule, undo)
     if rule is not None:
         _replace(parents, norm, rule.replacement(norm), undo)
 
