@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from .errors import FoldError
 from .graph import DataFlowGraph, detached_copy, preserved_buffers, seeded, trace_execution, trace_symbolic
-from .planning import TRAINING_REASON_PREFIX, FoldPlan, layer_types, make_plan, norm_types
+from .planning import FoldPlan, layer_types, make_plan, norm_types
 from .report import FoldReport, model_size
-from .rules import FoldRule, RuleTable, build_rules
+from .rules import TRAINING_REASON, FoldRule, RuleTable, build_rules
 from .surgery import apply_plan, clone_model, undo_all
 from .verify import check_outputs
 
@@ -63,7 +63,7 @@ def _discover(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) 
 
 
 def _warn_training(model: nn.Module, plan: FoldPlan, stacklevel: int) -> None:
-    if model.training and any(k.reason.startswith(TRAINING_REASON_PREFIX) for k in plan.kept):
+    if model.training and any(k.reason == TRAINING_REASON for k in plan.kept):
         warnings.warn(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics, so its norm "
             "layers cannot be folded; call model.eval() before bnfold.fold()",

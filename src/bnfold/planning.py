@@ -35,8 +35,6 @@ from .rules import (
 
 __all__ = ["FoldSite", "KeptNorm", "FoldPlan", "make_plan", "layer_types", "norm_types"]
 
-TRAINING_REASON_PREFIX = "in training mode"
-
 
 @dataclass(frozen=True)
 class FoldSite:

@@ -23,6 +23,7 @@ from .arithmetic import Layout, affine_from_stats
 
 __all__ = [
     "FoldRule",
+    "TRAINING_REASON",
     "layer_type",
     "tensor_attr",
     "require_tensor",
@@ -86,10 +87,13 @@ def layer_scale_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     return gamma, torch.zeros_like(gamma)
 
 
+TRAINING_REASON = "in training mode it normalizes with batch statistics (call model.eval() to fold it)"
+
+
 def running_stats_reason(norm: nn.Module) -> str | None:
     """Why a BatchNorm-like layer does not use fixed statistics right now, or ``None`` if it does."""
     if norm.training:
-        return "in training mode it normalizes with batch statistics (call model.eval() to fold it)"
+        return TRAINING_REASON
     if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
         return "track_running_stats=False: it always normalizes with batch statistics"
     return None
