@@ -114,10 +114,12 @@ def _coverage(results: dict[str, Any], tools: list[str]) -> str:
     return _table(["model", "BN run", *tools], rows)
 
 
-def _latency(results: dict[str, Any], tools: list[str]) -> str:
+def _latency(results: dict[str, Any], tools: list[str], key: str = "latency_ms") -> str:
     rows = []
     for row in results["zoo"]:
-        lat = row["latency_ms"]
+        if key not in row:
+            continue
+        lat = row[key]
         cells = [row["model"], f"{lat['original']:.1f}"]
         for tool in [*tools, "norms deleted (limit)"]:
             cells.append(f"x{lat['original'] / lat[tool]:.2f}" if tool in lat else "-")
@@ -273,6 +275,16 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         _latency(results, tools),
         "",
+        *(
+            [
+                f"CUDA latency ({m['cuda']}), batch 1, same models and protocol:",
+                "",
+                _latency(results, tools, "latency_cuda_ms"),
+                "",
+            ]
+            if any("latency_cuda_ms" in row for row in results["zoo"])
+            else []
+        ),
         *([f"![speed-up]({plots[0]})", ""] if plots else []),
         "## Cost of folding",
         "",

@@ -96,11 +96,16 @@ def run_tool(peer: Peer, model: nn.Module, x: torch.Tensor) -> tuple[nn.Module |
 def latency(models: dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per forward for each model, runs interleaved so that noise hits all alike."""
     times: dict[str, list[float]] = {k: [] for k in models}
+    cuda = x.device.type == "cuda"
     with torch.no_grad():
         for i in range(warmup + runs):
             for name, model in models.items():
+                if cuda:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
                 model(x)
+                if cuda:
+                    torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
                 if i >= warmup:
                     times[name].append(elapsed)
@@ -141,6 +146,11 @@ def bench_zoo(entries: list[BenchModel], tools: list[Peer], runs: int) -> list[d
             row["tools"][peer.name] = info
         medians = latency(variants, x, runs)
         row["latency_ms"] = {k: v * 1e3 for k, v in medians.items()}
+        if torch.cuda.is_available():  # the same variants on the GPU, labelled as such in the report
+            on_gpu = {k: copy.deepcopy(v).cuda() for k, v in variants.items()}
+            row["latency_cuda_ms"] = {k: v * 1e3 for k, v in latency(on_gpu, x.cuda(), runs).items()}
+            del on_gpu
+            torch.cuda.empty_cache()
         results.append(row)
     return results
 

@@ -28,3 +28,17 @@ def test_published_results_render_and_agree_with_the_raw_numbers(tmp_path):
     )
     assert rows["bnfold"]["folded"] == folded
     assert f"| bnfold | {folded} / {total} |" in text
+
+
+def test_cuda_latency_table_appears_only_with_cuda_figures(tmp_path):
+    results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+    write_report(results, tmp_path)
+    cpu_only = (tmp_path / "benchmarks.md").read_text()
+    assert "CUDA latency" not in cpu_only
+    results["machine"]["cuda"] = "Example GPU"
+    for row in results["zoo"]:
+        row["latency_cuda_ms"] = {k: v / 10 for k, v in row["latency_ms"].items()}
+    write_report(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "CUDA latency (Example GPU)" in text
+    assert text.count("| tv/resnet18 |") == cpu_only.count("| tv/resnet18 |") + 1  # one more table row
