@@ -486,3 +486,22 @@ def test_concat_along_another_axis_is_kept():
 
     result = check_fold(SpatialCat().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
     assert "along axis 2" in result.report.plan.kept[0].reason
+
+
+def test_custom_affine_module_taught_with_a_rule_as_in_the_guide():
+    class MyScale(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(n) + 0.5)
+            self.shift = nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return x * self.scale + self.shift
+
+    model = nn.Sequential(nn.Linear(4, 5), MyScale(5)).eval()
+    check_fold(model, torch.randn(3, 4), folded=0, kept=0)  # an unknown module is no norm: left alone
+    rule = bnfold.FoldRule(
+        nn.Linear, MyScale, affine=lambda m: (m.scale.double(), m.shift.double()), check=lambda m: None
+    )
+    result = check_fold(model, torch.randn(3, 4), folded=1, kept=0, extra_rules=[rule])
+    assert isinstance(result.model[1], nn.Identity)
