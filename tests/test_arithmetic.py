@@ -86,3 +86,51 @@ def test_unknown_layout_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown weight layout 'dense'"):
         fold_backward(torch.ones(2, 2), None, torch.ones(2), torch.zeros(2), "dense")  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2, 3]),
+    transposed=st.booleans(),
+    groups=st.sampled_from([1, 2, 3]),
+    per_group_in=st.integers(1, 3),
+    per_group_out=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_fold_matches_bn_then_unpadded_layer(dims, transposed, groups, per_group_in, per_group_out, bias, seed):
+    from bnfold.arithmetic import fold_forward
+
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = groups * per_group_in, groups * per_group_out
+    # a ConvTranspose folds forward exactly when every output sees all its taps: kernel 1, stride 1
+    kernel = 1 if transposed else 2
+    layer = (CONV_T if transposed else CONV)[dims](cin, cout, kernel, groups=groups, bias=bias).double().eval()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g, dtype=torch.float64))
+    bn = BN[dims](cin).double().eval()
+    _random_bn(bn, g)
+    x = torch.randn(2, cin, *([4] * dims), generator=g, dtype=torch.float64)
+    expected = layer(bn(x))
+    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    w, b = fold_forward(layer.weight, layer.bias, scale, shift, "conv_transpose" if transposed else "conv", groups)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias = nn.Parameter(b)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(channels=st.integers(1, 4), positions=st.integers(1, 5), fout=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_forward_fold_into_linear_over_flattened_channels(channels, positions, fout, seed):
+    from bnfold.arithmetic import fold_forward
+
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm1d(channels).double().eval()
+    _random_bn(bn, g)
+    linear = nn.Linear(channels * positions, fout).double()
+    x = torch.randn(3, channels, positions, generator=g, dtype=torch.float64)
+    expected = linear(bn(x).flatten(1))
+    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    w, b = fold_forward(linear.weight, linear.bias, scale, shift, "linear")
+    torch.testing.assert_close(torch.nn.functional.linear(x.flatten(1), w, b), expected, rtol=1e-10, atol=1e-10)
