@@ -170,3 +170,11 @@ def test_channelwise_ops_need_example_inputs():
 @pytest.mark.parametrize("dtype", [torch.float64])
 def test_double_precision_scale_shift(dtype):
     check_fold(ScaleShift().eval().to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype), folded=2, kept=0)
+
+
+def test_folding_channelwise_constants_twice_is_a_no_op():
+    once = bnfold.fold(ScaleShift().eval(), torch.randn(2, 3, 8, 8))
+    weight = once.conv.weight.detach().clone()
+    again = bnfold.fold_with_report(once, torch.randn(2, 3, 8, 8))
+    assert again.report.folded == 0 and again.report.kept == 0
+    assert torch.equal(again.model.conv.weight, weight)

@@ -20,7 +20,17 @@ from torch import Tensor, nn
 
 from .graph import Call, DataFlowGraph, Shape, TensorRef, ValueKey
 
-__all__ = ["ConstantOperand", "AFFINE_OPS", "find_constant", "per_channel_axis", "permuted_axis", "affine_of_op"]
+__all__ = [
+    "ConstantOperand",
+    "AFFINE_OPS",
+    "find_constant",
+    "per_channel_axis",
+    "permuted_axis",
+    "affine_of_op",
+    "constant_named",
+    "is_neutral",
+    "neutral_value",
+]
 
 # op name as recorded -> kind
 AFFINE_OPS = {
@@ -136,6 +146,20 @@ def affine_of_op(kind: str, values: Tensor, channels: int) -> tuple[Tensor, Tens
     if kind == "sub":
         return ones, -v
     raise ValueError(f"unknown channel-wise op {kind!r}")
+
+
+def constant_named(model: nn.Module, name: str) -> Tensor:
+    """The parameter or buffer ``name`` (a qualified name) of ``model``."""
+    module_name, _, attr = name.rpartition(".")
+    value = getattr(model.get_submodule(module_name), attr, None)
+    if not isinstance(value, Tensor):
+        raise AttributeError(f"no parameter or buffer '{name}'")
+    return value
+
+
+def is_neutral(kind: str, value: Tensor) -> bool:
+    """Whether ``x <kind> value`` is already the identity (a constant folded before)."""
+    return bool(torch.equal(value, neutral_value(kind, value)))
 
 
 def neutral_value(kind: str, like: Tensor) -> Tensor:

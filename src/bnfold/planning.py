@@ -563,6 +563,8 @@ def _channelwise_ops(ctx: _Context, norm_sites: list[FoldSite]) -> list[FoldSite
         axis = channelwise.per_channel_axis(constant.shape, act_shape)
         if axis == "no":
             continue  # not a per-channel constant (e.g. a position embedding): not this rule's business
+        if channelwise.is_neutral(kind, channelwise.constant_named(ctx.model, constant.name)):
+            continue  # already the identity (folded before): nothing to fold, so folding twice is a no-op
         row_name, row_type = constant.name, CHANNELWISE_PREFIX + kind
         try:
             if kind in ("sub", "div") and position == 0:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_channels, scale_output_channels
-from .channelwise import affine_of_op, neutral_value
+from .channelwise import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
 from .planning import CHANNELWISE_PREFIX, FoldPlan, FoldSite
 from .rules import FoldRule, RuleTable, layer_type, layout_for, out_channels, require_tensor, tensor_attr
@@ -215,19 +215,11 @@ def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, ne
         undo.append(_setter(parent, attr, old))
 
 
-def _constant(model: nn.Module, name: str) -> Tensor:
-    module_name, _, attr = name.rpartition(".")
-    value = tensor_attr(model.get_submodule(module_name), attr)
-    if value is None:
-        raise AttributeError(f"no parameter or buffer '{name}'")
-    return value
-
-
 def _apply_channelwise(
     modules: dict[str, nn.Module], model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo
 ) -> None:
     kind = site.norm_type[len(CHANNELWISE_PREFIX) :]
-    constant = _constant(model, site.norm)
+    constant = constant_named(model, site.norm)
     layer = modules[site.partners[0]]
     layout = layout_for(layer, rules)
     scale, shift = affine_of_op(kind, constant, out_channels(layer, layout))
