@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bnfold.testing import randomize_norms
+from bnfold.zoo import build_named_model
 
 
 @dataclass(frozen=True)
@@ -19,23 +20,17 @@ class BenchModel:
     size: int = 224
 
 
+def _named(spec: str) -> Callable[[], nn.Module]:
+    """A builder for a torchvision:/timm: architecture, built as the bnfold command builds it."""
+    return lambda: build_named_model(spec).model
+
+
 def _torchvision(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import torchvision
-
-        extra = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
-        return torchvision.models.get_model(name, weights=None, **extra)
-
-    return build
+    return _named(f"torchvision:{name}")
 
 
-def _timm(name: str, **kwargs: object) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import timm
-
-        return timm.create_model(name, pretrained=False, **kwargs)
-
-    return build
+def _timm(name: str) -> Callable[[], nn.Module]:
+    return _named(f"timm:{name}")
 
 
 def _fastai_resnet34() -> nn.Module:

@@ -266,6 +266,7 @@ def _backward_through_cat(norm: nn.Module, call: Call, cat: Call, ctx: _Context)
     if [i for i in graph.consumers.get(call.inputs[0], []) if i != call.index]:
         raise _Kept(f"{what} whose result is also read elsewhere")
     layers: list[nn.Module] = []
+    total = channels = 0
     for part in parts:
         index = graph.producer.get(part.key)
         source = graph.calls[index] if index is not None else None
@@ -281,8 +282,8 @@ def _backward_through_cat(norm: nn.Module, call: Call, cat: Call, ctx: _Context)
         if out_ndim != in_ndim or dim % in_ndim != axis or _channel_axis(layer, rule.weight_layout, out_ndim) != axis:
             raise _Kept(f"{what} along axis {dim}, not along the channels of '{name}'", name)
         layers.append(layer)
-    channels = _norm_channels(norm, ctx)
-    total = sum(out_channels(layer, layout_for(layer, ctx.rules)) for layer in layers)
+        total += out_channels(layer, rule.weight_layout)
+        channels = rule.affine(norm)[0].numel()
     if channels != total:
         raise _Kept(f"{what} of {total} channels, but it has {channels}")
     return FoldSite(
@@ -292,14 +293,6 @@ def _backward_through_cat(norm: nn.Module, call: Call, cat: Call, ctx: _Context)
         tuple(layer_type(layer).__name__ for layer in layers),
         "backward",
     )
-
-
-def _norm_channels(norm: nn.Module, ctx: _Context) -> int:
-    """The number of channels a norm normalizes, from any rule for its type."""
-    for (_, norm_kind, _), rule in ctx.rules.items():
-        if norm_kind is layer_type(norm):
-            return int(rule.affine(norm)[0].numel())
-    return -1
 
 
 def _symbolic_rank_check(norm: nn.Module, layer: nn.Module, rule: FoldRule, name: str, flattened: bool) -> None:
