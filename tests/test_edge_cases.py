@@ -351,23 +351,62 @@ def test_layer_norm_and_group_norm_are_listed_as_kept():
     assert all("own statistics" in k.reason for k in result.report.plan.kept)
 
 
-def test_norm_subclass_needs_its_own_rule_and_extra_rules_teach_it():
-    class MyBN(nn.BatchNorm2d):
-        pass
+def test_subclass_that_only_changes_construction_folds_like_its_base():
+    class MyConv(nn.Conv2d):  # like torchvision's Conv3DSimple: its own __init__, the base's forward
+        def __init__(self, c_in, c_out):
+            super().__init__(c_in, c_out, 3, bias=False)
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), MyBN(4)).eval()
+        @staticmethod
+        def helper():  # a name the base does not have cannot change the base's code
+            return 1
+
+    class MyBN(nn.BatchNorm2d):
+        def extra_repr(self):
+            return "mine"
+
+    model = nn.Sequential(MyConv(3, 4), MyBN(4), MyConv(4, 4), nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, torch.randn(2, 3, 8, 8), folded=2, kept=0)
+    assert [s.norm_type for s in result.report.plan.sites] == ["MyBN", "BatchNorm2d"]
+    assert [s.partner_types for s in result.report.plan.sites] == [("MyConv",), ("MyConv",)]
+    assert bnfold.rules.type_chain(model[0]) == (MyConv, nn.Conv2d)
+
+
+def test_subclass_that_changes_computation_needs_its_own_rule_and_extra_rules_teach_it():
+    class ScaledBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4)).eval()
     result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
-    assert "no fold rule for MyBN" in result.report.plan.kept[0].reason
-    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, extra_rules=[bnfold.FoldRule(nn.Conv2d, MyBN)])
+    assert "no fold rule for ScaledBN" in result.report.plan.kept[0].reason
+
+    def doubled(norm):
+        scale, shift = bnfold.rules.norm_affine(norm)
+        return 2 * scale, 2 * shift
+
+    rule = bnfold.FoldRule(nn.Conv2d, ScaledBN, affine=doubled)
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, extra_rules=[rule])
 
 
 def test_custom_producer_rule():
     class MyConv(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):  # same result, but bnfold cannot know that
+            return super()._conv_forward(x, weight, bias)
+
+    model = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "no backward fold rule for MyConv -> BatchNorm2d" in result.report.plan.kept[0].reason
+    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, extra_rules=[bnfold.FoldRule(MyConv, nn.BatchNorm2d)])
+
+
+def test_a_rule_for_the_declared_subclass_wins_over_its_bases_rule():
+    class MyConv(nn.Conv2d):
         pass
 
     model = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4)).eval()
-    check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
-    check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, extra_rules=[bnfold.FoldRule(MyConv, nn.BatchNorm2d)])
+    refuse = bnfold.FoldRule(MyConv, nn.BatchNorm2d, check=lambda norm: "MyConv never folds")
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1, extra_rules=[refuse])
+    assert "MyConv never folds" in result.report.plan.kept[0].reason
 
 
 def test_norm_with_user_hooks_is_kept():

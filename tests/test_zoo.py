@@ -30,6 +30,8 @@ TORCHVISION = {
     "vgg11_bn": (8, 0, 32),
     # the 18 layer scales (layer_scale * block(x)) fold into each block's last Linear; the LayerNorms stay
     "convnext_tiny": (18, 23, 32),
+    # Conv3DSimple / Conv3DNoTemporal are Conv3d subclasses that only change __init__
+    "r3d_18": (20, 0, 32),
 }
 
 TIMM = {
@@ -61,7 +63,8 @@ def test_torchvision(name):
     folded, kept, size = TORCHVISION[name]
     torch.manual_seed(0)
     model = _torchvision(name).eval()
-    check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
+    shape = (2, 3, 4, size, size) if name == "r3d_18" else (2, 3, size, size)
+    check_fold(model, torch.randn(*shape), folded=folded, kept=kept)
 
 
 @pytest.mark.parametrize("name", sorted(TIMM))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
-from .rules import layer_type
+from .rules import has_type
 
 __all__ = [
     "Call",
@@ -278,7 +278,7 @@ class _ExecutionTracer(TorchFunctionMode):
         # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
         self.owned: dict[int, nn.Module] = {}
         for module in model.modules():
-            if layer_type(module) in watched_types:
+            if has_type(module, watched_types):
                 for t in list(module.parameters()) + list(module.buffers()):
                     self.owned[id(t)] = module
 
@@ -327,7 +327,7 @@ class _ExecutionTracer(TorchFunctionMode):
 
     # -- module hooks -----------------------------------------------------------------------------
     def is_recorded(self, module: nn.Module) -> bool:
-        return layer_type(module) in self.recorded_types or next(iter(module.children()), None) is None
+        return has_type(module, self.recorded_types) or next(iter(module.children()), None) is None
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.quiet += 1
@@ -442,7 +442,7 @@ class _LeafTracer(torch.fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return layer_type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
+        return has_type(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_symbolic(
@@ -459,7 +459,7 @@ def trace_symbolic(
             f"bnfold.fold(model, torch.randn(1, 3, 224, 224)), so bnfold can run the model once instead"
         ) from error
     graph = DataFlowGraph(traced_with="torch.fx")
-    watched = {id(m): m for m in model.modules() if layer_type(m) in watched_types}
+    watched = {id(m): m for m in model.modules() if has_type(m, watched_types)}
     for node in fx_graph.nodes:
         inputs = [n.name for n in node.all_input_nodes]
         if node.op == "placeholder":

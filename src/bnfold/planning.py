@@ -23,6 +23,8 @@ from .rules import (
     Direction,
     FoldRule,
     RuleTable,
+    find_rule,
+    has_type,
     in_channels,
     is_norm_layer,
     layer_type,
@@ -30,6 +32,7 @@ from .rules import (
     out_channels,
     require_tensor,
     tensor_attr,
+    type_chain,
     unfoldable_reason,
 )
 
@@ -184,7 +187,7 @@ def _layer_reason(layer: nn.Module, ctx: _Context) -> str | None:
 
 
 def _rule_for(layer: nn.Module, norm: nn.Module, direction: Direction, ctx: _Context) -> FoldRule:
-    rule = ctx.rules.get((layer_type(layer), layer_type(norm), direction))
+    rule = find_rule(ctx.rules, layer, norm, direction)
     if rule is None:
         ltype = layer_type(layer).__name__
         where = "is fed by" if direction == "backward" else "feeds"
@@ -478,7 +481,8 @@ def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
         raise _Kept(f"its parameters are also used outside it (by {ctx.graph.foreign_uses[id(norm)]})")
     if calls[0] < 0:
         raise _Kept("it runs inside another layer bnfold treats as a whole")
-    norm_rules = [rule for key, rule in ctx.rules.items() if key[1] is layer_type(norm)]
+    chain = type_chain(norm)
+    norm_rules = [rule for key, rule in ctx.rules.items() if key[1] in chain]
     own_reason = norm_rules[0].check(norm) if norm_rules else None
     if own_reason:
         raise _Kept(own_reason)
@@ -516,7 +520,7 @@ def _channelwise_ops(ctx: _Context, norm_sites: list[FoldSite]) -> list[FoldSite
         if call.kind == "module" and call.module is not None and len(call.outputs) == 1 and call.inputs:
             module, out = call.module, call.outputs[0]
             shape = call.output_shapes[0]
-            if layer_type(module) in layers and shape is not None:
+            if has_type(module, layers) and shape is not None:
                 source[out] = (module, _channel_axis(module, layout_for(module, ctx.rules), len(shape)))
             elif ctx.name(module) in backward_norms and call.inputs[0] in source:
                 source[out] = source[call.inputs[0]]

@@ -1,14 +1,18 @@
 """The rule table: which (layer, norm) pairs fold, in which direction, and how.
 
 A plain dict keyed by exact types, ``(layer type, norm type, direction) -> FoldRule``,
-in the manner of PyTorch's fuser method mappings. A subclass never matches
-implicitly: timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` that also applies an
-activation, so it has rules of its own. Users teach bnfold new pairs by passing
+in the manner of PyTorch's fuser method mappings. A subclass that changes how its
+class computes never matches implicitly: timm's ``BatchNormAct2d`` is a
+``BatchNorm2d`` that also applies an activation, so it has rules of its own. A
+subclass that only changes construction (torchvision's ``Conv3DSimple`` is a
+``Conv3d`` with its own ``__init__``) computes exactly like its base, and matches
+the base's rules when it has none of its own. Users teach bnfold new pairs by passing
 ``extra_rules=[FoldRule(...)]`` to a call; nothing global is mutated.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +29,9 @@ __all__ = [
     "FoldRule",
     "TRAINING_REASON",
     "layer_type",
+    "type_chain",
+    "has_type",
+    "find_rule",
     "tensor_attr",
     "require_tensor",
     "FoldedNormAct",
@@ -47,12 +54,87 @@ __all__ = [
 
 
 def layer_type(module: nn.Module) -> type[nn.Module]:
-    """The class a rule matches: for a module behind ``torch.nn.utils.parametrize`` (whose class becomes a
-    generated ``Parametrized<Name>`` subclass), the class it had before."""
+    """The module's class as its author declared it: for a module behind ``torch.nn.utils.parametrize``
+    (whose class becomes a generated ``Parametrized<Name>`` subclass), the class it had before."""
     kind = type(module)
     if parametrize.is_parametrized(module) and kind.__name__ == "Parametrized" + kind.__bases__[0].__name__:
         return kind.__bases__[0]
     return kind
+
+
+# Methods a subclass may override without changing what a forward pass computes.
+_CONSTRUCTION_ONLY = frozenset(
+    {
+        "__init__",
+        "__init_subclass__",
+        "__repr__",
+        "extra_repr",
+        "reset_parameters",
+        "__setstate__",
+        "__getstate__",
+        "_load_from_state_dict",
+        "__dict__",
+        "__weakref__",
+    }
+)
+
+
+def _changes_computation(cls: type, base: type) -> bool:
+    """Whether ``cls`` overrides a method or descriptor of ``base`` other than construction ones."""
+    for name, value in vars(cls).items():
+        if name in _CONSTRUCTION_ONLY or not hasattr(base, name):
+            continue  # a name the base does not have cannot change the base's own code
+        if callable(value) or hasattr(value, "__get__"):
+            return True
+    return False
+
+
+_CHAINS: weakref.WeakKeyDictionary[type, tuple[type[nn.Module], ...]] = weakref.WeakKeyDictionary()
+
+
+def _chain(kind: type[nn.Module]) -> tuple[type[nn.Module], ...]:
+    cached = _CHAINS.get(kind)
+    if cached is not None:
+        return cached
+    chain = [kind]
+    cls: type = kind
+    while len(cls.__bases__) == 1:
+        base = cls.__bases__[0]
+        if base is nn.Module or not issubclass(base, nn.Module) or _changes_computation(cls, base):
+            break
+        chain.append(base)
+        cls = base
+    _CHAINS[kind] = tuple(chain)
+    return _CHAINS[kind]
+
+
+def type_chain(module: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The module's declared class, then each ancestor that computes exactly like it (single inheritance,
+    nothing overridden but construction): the classes whose rules apply, most specific first.
+
+    >>> class MyConv(nn.Conv2d):
+    ...     def __init__(self, c):
+    ...         super().__init__(c, c, 3, bias=False)
+    >>> [k.__name__ for k in type_chain(MyConv(4))]
+    ['MyConv', 'Conv2d']
+    """
+    return _chain(layer_type(module))
+
+
+def has_type(module: nn.Module, types: Iterable[type[nn.Module]]) -> bool:
+    """Whether a rule for one of ``types`` may apply to ``module`` (see :func:`type_chain`)."""
+    wanted = set(types)
+    return any(kind in wanted for kind in type_chain(module))
+
+
+def find_rule(rules: RuleTable, layer: nn.Module, norm: nn.Module, direction: str) -> FoldRule | None:
+    """The most specific rule for this pair: exact declared classes first, then their plain ancestors."""
+    for layer_kind in type_chain(layer):
+        for norm_kind in type_chain(norm):
+            rule = rules.get((layer_kind, norm_kind, direction))
+            if rule is not None:
+                return rule
+    return None
 
 
 def tensor_attr(module: nn.Module, name: str) -> Tensor | None:
@@ -239,11 +321,11 @@ RuleTable = Mapping[RuleKey, FoldRule]
 
 def layout_for(layer: nn.Module, rules: RuleTable) -> Layout:
     """How ``layer`` stores its weight, as the rules for its type say."""
-    kind = layer_type(layer)
-    for (rule_layer, _, _), rule in rules.items():
-        if rule_layer is kind:
-            return rule.weight_layout
-    raise KeyError(f"no fold rule mentions {kind.__name__}")
+    for kind in type_chain(layer):
+        for (rule_layer, _, _), rule in rules.items():
+            if rule_layer is kind:
+                return rule.weight_layout
+    raise KeyError(f"no fold rule mentions {layer_type(layer).__name__}")
 
 
 def out_channels(layer: nn.Module, layout: Layout) -> int:
@@ -337,8 +419,7 @@ _STATISTICS_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn
 
 def is_norm_layer(module: nn.Module, rules: RuleTable) -> bool:
     """Whether ``module`` is a normalization layer that the plan should list."""
-    kind = layer_type(module)
-    if any(kind is norm for _, norm, _ in rules):
+    if has_type(module, (norm for _, norm, _ in rules)):
         return True
     return isinstance(module, (_NormBase, *_STATISTICS_NORMS, *compat.frozen_batchnorm_types()))
 
@@ -350,9 +431,10 @@ def unfoldable_reason(module: nn.Module, rules: RuleTable) -> str | None:
         isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
     ):
         return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
-    if any(kind is norm for _, norm, _ in rules):
+    if has_type(module, (norm for _, norm, _ in rules)):
         return None
     return (
-        f"no fold rule for {kind.__name__} (subclasses are never matched implicitly); "
+        f"no fold rule for {kind.__name__} (a subclass that overrides how a norm computes is never matched "
+        "implicitly); "
         "teach bnfold with extra_rules=[bnfold.FoldRule(layer_type, norm_type)]"
     )

@@ -21,7 +21,7 @@ from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_cha
 from .channelwise import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
 from .planning import CHANNELWISE_PREFIX, FoldPlan, FoldSite
-from .rules import FoldRule, RuleTable, layer_type, layout_for, out_channels, require_tensor, tensor_attr
+from .rules import FoldRule, RuleTable, find_rule, layout_for, out_channels, require_tensor, tensor_attr
 
 __all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine"]
 
@@ -244,7 +244,9 @@ def _apply_site(
     offset = 0
     for partner in site.partners:
         layer = modules[partner]
-        rule = rules[(layer_type(layer), layer_type(norm), site.direction)]
+        rule = find_rule(rules, layer, norm, site.direction)
+        if rule is None:  # the plan was made with these rules
+            raise KeyError(f"no {site.direction} rule for '{partner}' and '{site.norm}'")
         scale, shift = rule.affine(norm)
         if site.direction == "backward" and len(site.partners) > 1:
             # the norm reads a channel-wise concatenation of the partners' outputs, in this order
