@@ -30,3 +30,19 @@ class SmallNet(nn.Module):
         x = self.bn(y) + y  # the conv output is also used directly: this norm stays
         x = x.mean((2, 3))
         return self.norm(self.head_bn(self.head(x)))
+
+
+class Amplifier(nn.Module):
+    """A foldable pair followed by a step that turns float rounding into large output differences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(2)
+            self.bn.running_mean.copy_(torch.randn(8, generator=g))
+            self.bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.bn(self.conv(x)) * 1e6)

@@ -11,12 +11,23 @@ import torch
 from torch import Tensor, nn
 
 from .errors import FoldError
-from .graph import DataFlowGraph, detached_copy, preserved_buffers, seeded, trace_execution, trace_symbolic
+from .graph import (
+    DataFlowGraph,
+    detached_copy,
+    iter_tensors,
+    preserved_buffers,
+    seeded,
+    trace_execution,
+    trace_symbolic,
+)
+from .layercheck import Probes, Recording, compare, probes_for, record
 from .planning import FoldPlan, layer_types, make_plan, norm_types
 from .report import FoldReport, model_size
 from .rules import TRAINING_REASON, FoldRule, RuleTable, build_rules
 from .surgery import apply_plan, clone_model, undo_all
-from .verify import check_outputs
+from .verify import OutputDiff, compare_outputs, mismatch_error
+
+VERIFY_MODES = ("outputs", "layers")
 
 __all__ = ["fold", "plan", "fold_with_report", "FoldResult", "BN_Folder"]
 
@@ -119,6 +130,7 @@ def fold_with_report(
     *,
     inplace: bool = False,
     extra_rules: Iterable[FoldRule] | None = None,
+    verify: str = "outputs",
 ) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
 
@@ -128,7 +140,46 @@ def fold_with_report(
     >>> result.report.folded, result.report.kept
     (1, 0)
     """
-    return _fold(model, example_inputs, inplace, extra_rules)
+    return _fold(model, example_inputs, inplace, extra_rules, verify)
+
+
+def _has_float_values(outputs: Any) -> bool:
+    return any(t.is_floating_point() and t.numel() > 0 for t in iter_tensors(outputs))
+
+
+def _run_folded(
+    target: nn.Module, model: nn.Module, args: tuple[Any, ...], checks: tuple[Probes, Recording] | None
+) -> Any:
+    """The folded model's outputs, or with ``checks`` what its probes see with the reference's inputs."""
+    try:
+        if checks is not None:
+            return record(target, args, checks[0], replay=checks[1])
+        with torch.no_grad(), preserved_buffers(target), seeded(target):
+            return target(*detached_copy(args))
+    except Exception as error:  # the model's own code relied on something folding removed
+        raise FoldError(
+            f"the folded {type(model).__name__} could not run on example_inputs "
+            f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
+        ) from error
+
+
+def _layer_diffs_after_failure(
+    model: nn.Module, target: nn.Module, found: FoldPlan, rules: RuleTable, args: tuple[Any, ...], inplace: bool
+) -> list[OutputDiff] | None:
+    """Check each fold on the original's own inputs, to tell a wrong fold from a model that amplifies
+    rounding. ``model`` is the original as it was (folded again, briefly, when folding in place)."""
+    probes = probes_for(found)
+    try:
+        reference = record(model, args, probes)
+        if not inplace:
+            return compare(reference, record(target, args, probes, replay=reference), probes)
+        undo = apply_plan(model, found, rules, undoable=True)
+        try:
+            return compare(reference, record(model, args, probes, replay=reference), probes)
+        finally:
+            undo_all(undo)
+    except Exception:  # the diagnosis is a courtesy: the output check has already failed
+        return None
 
 
 def _fold(
@@ -136,30 +187,44 @@ def _fold(
     example_inputs: Tensor | tuple[Any, ...] | None,
     inplace: bool,
     extra_rules: Iterable[FoldRule] | None,
+    verify: str = "outputs",
 ) -> FoldResult:
     """The body of fold() and fold_with_report(), called directly by both (warnings point at the user)."""
     model = _check_model(model, "fold")
     args = _check_inputs(example_inputs)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be 'outputs' or 'layers', got {verify!r}")
     rules = build_rules(extra_rules)
     found, graph = _plan(model, args, rules, stacklevel=3)
     params_before, bytes_before = model_size(model)
+    checked = None
+    checks = None
+    if args is not None:
+        # Outputs with no floating-point values (no detections, class indices) would prove nothing.
+        checked = "layers" if verify == "layers" or not _has_float_values(graph.reference_outputs) else "outputs"
+        if checked == "layers":
+            probes = probes_for(found)
+            checks = (probes, record(model, args, probes))  # before folding: also right when folding in place
     target = model if inplace else clone_model(model)
     undo = apply_plan(target, found, rules, undoable=inplace)  # a failed copy is simply dropped
     abs_error = rel_error = None
     worst = None
     if args is not None:
         try:
-            try:
-                with torch.no_grad(), preserved_buffers(target), seeded(target):
-                    actual = target(*detached_copy(args))
-            except Exception as error:  # the model's own code relied on something folding removed
-                raise FoldError(
-                    f"the folded {type(model).__name__} could not run on example_inputs "
-                    f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
-                ) from error
-            diffs = check_outputs(graph.reference_outputs, actual)
+            if checks is not None:
+                diffs = compare(checks[1], _run_folded(target, model, args, checks), checks[0])
+                failed = [d for d in diffs if not d.ok]
+                if failed:
+                    raise mismatch_error(failed, what="folded layer")
+            else:
+                diffs = compare_outputs(graph.reference_outputs, _run_folded(target, model, args, None))
+                failed = [d for d in diffs if not d.ok]
+                if failed:
+                    undo_all(undo)
+                    layers = _layer_diffs_after_failure(model, target, found, rules, args, inplace)
+                    raise mismatch_error(failed, layers=layers)
         except BaseException:
             undo_all(undo)
             raise
@@ -170,7 +235,9 @@ def _fold(
         else:
             abs_error, rel_error = 0.0, 0.0
     params_after, bytes_after = model_size(target)
-    report = FoldReport(found, params_before, params_after, bytes_before, bytes_after, abs_error, rel_error, worst)
+    report = FoldReport(
+        found, params_before, params_after, bytes_before, bytes_after, abs_error, rel_error, worst, checked
+    )
     return FoldResult(target, report)
 
 
@@ -180,6 +247,7 @@ def fold(
     *,
     inplace: bool = False,
     extra_rules: Iterable[FoldRule] | None = None,
+    verify: str = "outputs",
 ) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
 
@@ -190,13 +258,18 @@ def fold(
     ``inplace=False`` (default) returns a folded copy and leaves ``model`` bit-identical;
     ``inplace=True`` folds ``model`` itself and returns it.
 
+    ``verify="outputs"`` (default) compares the model's outputs. ``verify="layers"`` instead checks each
+    folded layer on the original's own inputs: for models whose outputs jump with tiny rounding
+    differences (sorting, top-k, thresholds, non-maximum suppression: detection models). bnfold checks
+    the layers by itself when the outputs hold no floating-point values to compare.
+
     >>> import torch
     >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
     >>> folded = fold(m, torch.randn(1, 3, 16, 16))
     >>> type(folded[1]).__name__
     'Identity'
     """
-    return _fold(model, example_inputs, inplace, extra_rules).model
+    return _fold(model, example_inputs, inplace, extra_rules, verify).model
 
 
 class BN_Folder:  # noqa: N801 - the name fasterai code already uses

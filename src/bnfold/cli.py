@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the architecture's)"
     )
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype to fold and check in")
+    parser.add_argument(
+        "--verify",
+        choices=["outputs", "layers"],
+        default="outputs",
+        help="check the model's outputs (default), or each folded layer on the original's inputs "
+        "(for detection models, whose outputs jump with tiny rounding differences)",
+    )
     parser.add_argument("--device", default="cpu", help="device to fold and check on, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and the example input")
     parser.add_argument(
@@ -443,8 +450,8 @@ def run(argv: list[str] | None, stdout: IO[str], stderr: IO[str]) -> int:
             stdout.write(_colour(render_plan(found), colour) + "\n")
         return ExitCode.OK
 
-    with progress.stage("folding and checking outputs"):
-        result = fold_with_report(model, example)
+    with progress.stage(f"folding and checking {'outputs' if args.verify == 'outputs' else 'each folded layer'}"):
+        result = fold_with_report(model, example, verify=args.verify)
     report: dict[str, Any] = {}
     bench = None
     if args.bench:

@@ -30,10 +30,16 @@ class VerificationError(BnfoldError):
         output: path of the worst output in the model's output structure, e.g. ``"[0]['logits']"``.
         error: its maximum absolute difference.
         tolerance: the tolerance it was compared against.
+        layers_match: after a failed output check, whether every folded layer matched the original on the
+            same inputs (``True``: the model amplifies rounding, see ``verify="layers"``; ``False``: a fold
+            is wrong; ``None``: not known, or the per-layer check itself failed).
     """
 
-    def __init__(self, message: str, *, output: str, error: float, tolerance: float) -> None:
+    def __init__(
+        self, message: str, *, output: str, error: float, tolerance: float, layers_match: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.output = output
         self.error = error
         self.tolerance = tolerance
+        self.layers_match = layers_match

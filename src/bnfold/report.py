@@ -40,6 +40,9 @@ class FoldReport:
     max_abs_error: float | None  # None when there were no example inputs to check with
     max_rel_error: float | None
     worst_output: str | None
+    # how the fold was checked: "outputs" (the model's outputs), "layers" (each folded layer on the
+    # original's inputs), or None (no example inputs)
+    checked: str | None = None
 
     @property
     def folded(self) -> int:
@@ -68,6 +71,7 @@ class FoldReport:
             "max_abs_error": finite(self.max_abs_error),
             "max_rel_error": finite(self.max_rel_error),
             "worst_output": self.worst_output,
+            "checked": self.checked,
         }
 
     def __str__(self) -> str:
@@ -132,4 +136,6 @@ def render_report(report: FoldReport) -> str:
         lines.append(
             f"max error:  {report.max_abs_error:.3g} absolute, {report.max_rel_error:.3g} relative ({report.worst_output})"
         )
+        if report.checked == "layers":
+            lines.append("checked:    each folded layer on the original's own inputs (not the model's outputs)")
     return "\n".join(lines)

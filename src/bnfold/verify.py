@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .errors import VerificationError
 
-__all__ = ["OutputDiff", "relative_tolerance", "compare_outputs", "check_outputs", "flatten_outputs"]
+__all__ = ["OutputDiff", "relative_tolerance", "compare_outputs", "flatten_outputs", "mismatch_error"]
 
 _RTOL = {
     torch.float64: 1e-9,
@@ -95,18 +95,44 @@ def compare_outputs(expected: Any, actual: Any) -> list[OutputDiff]:
     return diffs
 
 
-def check_outputs(expected: Any, actual: Any) -> list[OutputDiff]:
-    """Raise :class:`VerificationError` naming the worst output if any differs beyond its tolerance."""
-    diffs = compare_outputs(expected, actual)
-    failed = [d for d in diffs if not d.ok]
-    if failed:
-        worst = max(failed, key=lambda d: d.max_abs_error / max(d.tolerance, 1e-300))
-        raise VerificationError(
-            f"the folded model's {worst.path} differs from the original's by {worst.max_abs_error:.3g} "
-            f"(tolerance {worst.tolerance:.3g}, output scale {worst.scale:.3g}); nothing was folded. "
-            "This is a bug in bnfold or in a custom FoldRule: please report it with the model",
-            output=worst.path,
-            error=worst.max_abs_error,
-            tolerance=worst.tolerance,
+def mismatch_error(
+    failed: list[OutputDiff], *, layers: list[OutputDiff] | None = None, what: str = "output"
+) -> VerificationError:
+    """The error for diffs beyond their tolerance, naming the worst one.
+
+    ``what="output"``: the model's outputs differ; ``layers`` (when the per-layer check could run) tells a
+    wrong fold from a model that amplifies rounding. ``what="folded layer"``: the per-layer check failed.
+    """
+    # outputs: the worst one; folded layers: the first one in the model (later ones may only inherit it)
+    worst = failed[0] if what != "output" else max(failed, key=lambda d: d.max_abs_error / max(d.tolerance, 1e-300))
+    amount = f"by {worst.max_abs_error:.3g} (tolerance {worst.tolerance:.3g}, scale {worst.scale:.3g})"
+    bug = "This is a bug in bnfold or in a custom FoldRule: please report it with the model"
+    layers_match = None
+    if what != "output":
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        message = (
+            f"{worst.path} differs from the original's {amount} on the same inputs{more}; nothing was folded. {bug}"
         )
-    return diffs
+    else:
+        message = f"the folded model's {worst.path} differs from the original's {amount}; nothing was folded. "
+        wrong = [d for d in layers or [] if not d.ok]
+        if layers is None:
+            message += (
+                f"{bug}. If the model's outputs jump with tiny rounding differences (sorting, top-k, thresholds, "
+                "non-maximum suppression), pass verify='layers' to check each folded layer instead"
+            )
+        elif wrong:
+            layers_match = False
+            message += f"The first folded layer that differs on the original's own inputs: {wrong[0].path}. {bug}"
+        else:
+            layers_match = True
+            rel = max((d.relative_error for d in layers), default=0.0)
+            message += (
+                f"Yet every folded layer matches the original on the same inputs (worst relative error {rel:.2g}): "
+                "a step after them amplifies float rounding (sorting, top-k, thresholds, argmax, non-maximum "
+                "suppression, as in detection models). To accept the check of each folded layer instead of the "
+                "outputs, pass verify='layers' (command line: --verify layers)"
+            )
+    return VerificationError(
+        message, output=worst.path, error=worst.max_abs_error, tolerance=worst.tolerance, layers_match=layers_match
+    )

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from torch import nn
 
@@ -17,6 +19,9 @@ _LIBRARIES = ("torchvision", "timm")
 
 # Architectures whose stem needs a larger input than the usual 224 x 224.
 _TORCHVISION_INPUT = {"inception_v3": 299}
+# Video models take (N, C, T, H, W): 16 frames at the size their weights were trained for.
+_VIDEO_FRAMES = 16
+_VIDEO_SIZE = {"r3d_18": 112, "mc3_18": 112, "r2plus1d_18": 112}
 
 
 class ArchitectureError(ValueError):
@@ -73,14 +78,20 @@ def build_named_model(spec: str, num_classes: int | None = None) -> NamedModel:
         )
     library, name = parsed
     lib = _import(library)
-    extra = {} if num_classes is None else {"num_classes": num_classes}
+    extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if library == "torchvision":
         known = list(lib.models.list_models())
         if name not in known:
             raise _unknown(library, name, known)
         if name in ("googlenet", "inception_v3"):
             extra["init_weights"] = False  # the random weights do not matter; scipy-based init is slow
-        model = lib.models.get_model(name, weights=None, **extra)
+        builder = lib.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            extra["weights_backbone"] = None  # detection and segmentation: no pretrained backbone download
+        model = builder(weights=None, **extra)
+        if builder.__module__.startswith("torchvision.models.video"):
+            size = _VIDEO_SIZE.get(name, 224)
+            return NamedModel(spec, model, (1, 3, _VIDEO_FRAMES, size, size))
         size = _TORCHVISION_INPUT.get(name, 224)
         return NamedModel(spec, model, (1, 3, size, size))
     known = list(lib.list_models())
