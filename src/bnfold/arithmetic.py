@@ -58,8 +58,8 @@ def affine_from_stats(
     ``weight``/``bias`` are ``None`` for a norm without affine parameters.
 
     >>> scale, shift = affine_from_stats(torch.zeros(2), torch.ones(2), None, None, 0.0)
-    >>> scale.tolist(), shift.tolist()
-    ([1.0, 1.0], [0.0, 0.0])
+    >>> scale.tolist() == [1.0, 1.0] and shift.tolist() == [0.0, 0.0]
+    True
     """
     device = _work_device(running_mean)
     mean = _f64(running_mean, device)
