@@ -328,3 +328,13 @@ def test_fold_error_in_place_leaves_the_model_as_it_was():
         bnfold.fold(model, X, inplace=True, extra_rules=[rule])
     assert (model[1], model[4]) == norms
     assert_same_state(model, before)
+
+
+def test_torch_compiled_module_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(TypeError, match=r"torch.compile'd module .*compiled._orig_mod"):
+        bnfold.fold(torch.compile(model), torch.randn(1, 3, 8, 8))
+    outer = nn.Sequential(torch.compile(model), nn.ReLU())
+    with pytest.raises(TypeError, match="'0', a torch.compile'd module"):
+        bnfold.plan(outer)
+    assert isinstance(bnfold.fold(torch.compile(model)._orig_mod, torch.randn(1, 3, 8, 8))[1], nn.Identity)

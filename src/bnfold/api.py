@@ -42,6 +42,12 @@ def _check_model(model: Any, caller: str) -> nn.Module:
             "before torch.jit.script / torch.jit.trace"
         )
     for name, module in model.named_modules():
+        if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            what = "a torch.compile'd module" if not name else f"'{name}', a torch.compile'd module,"
+            raise TypeError(
+                f"bnfold.{caller}() got {what} (OptimizedModule); fold the module before compiling it: "
+                f"bnfold.{caller}(compiled._orig_mod, ...), then torch.compile the result"
+            )
         for tname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if nn.parameter.is_lazy(t):
                 where = f"'{name}'" if name else "the model"
