@@ -129,9 +129,11 @@ def mismatch_error(
             rel = max((d.relative_error for d in layers), default=0.0)
             message += (
                 f"Yet every folded layer matches the original on the same inputs (worst relative error {rel:.2g}): "
-                "a step after them amplifies float rounding (sorting, top-k, thresholds, argmax, non-maximum "
-                "suppression, as in detection models). To accept the check of each folded layer instead of the "
-                "outputs, pass verify='layers' (command line: --verify layers)"
+                "the model amplifies float rounding after them: sorting, top-k, thresholds, argmax or non-maximum "
+                "suppression (detection models), or a deep stack whose activations grow without bound (common "
+                "with random weights; the unfolded model then differs as much from its own float64 version). To "
+                "accept the check of each folded layer instead of the outputs, pass verify='layers' "
+                "(command line: --verify layers)"
             )
     return VerificationError(
         message, output=worst.path, error=worst.max_abs_error, tolerance=worst.tolerance, layers_match=layers_match
