@@ -250,6 +250,34 @@ _METADATA_OPS = {
 }
 
 
+# Ops that read only the shape, dtype or device of some tensor arguments: those arguments are not consumers.
+# ``x.reshape_as(other)``: ``other`` is a template; ``torch.zeros_like(x)`` and ``x.new_zeros(...)`` read no
+# tensor values at all.
+_TEMPLATE_OPS = {"Tensor.reshape_as", "Tensor.view_as", "Tensor.expand_as", "Tensor.type_as"}
+_VALUE_FREE_OPS = {
+    "_VariableFunctionsClass.zeros_like",
+    "_VariableFunctionsClass.ones_like",
+    "_VariableFunctionsClass.empty_like",
+    "_VariableFunctionsClass.full_like",
+    "_VariableFunctionsClass.rand_like",
+    "_VariableFunctionsClass.randn_like",
+    "_VariableFunctionsClass.randint_like",
+    "Tensor.new_zeros",
+    "Tensor.new_ones",
+    "Tensor.new_empty",
+    "Tensor.new_full",
+}
+
+
+def _value_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The arguments of op ``name`` whose values its result depends on."""
+    if name in _VALUE_FREE_OPS:
+        return ()
+    if name in _TEMPLATE_OPS:
+        return (args[:1], {k: v for k, v in kwargs.items() if k != "other"})
+    return (args, kwargs)
+
+
 class _ExecutionTracer(TorchFunctionMode):
     """Records module calls (through hooks) and tensor ops (through the function mode) into a graph."""
 
@@ -364,7 +392,7 @@ class _ExecutionTracer(TorchFunctionMode):
         if name in _METADATA_OPS:
             return func(*args, **kwargs)
         tensors = list(iter_tensors((args, kwargs)))
-        keys, shapes = self.keys((args, kwargs))
+        keys, shapes = self.keys(_value_arguments(name, args, kwargs))
         arg_spec, kwarg_spec = self.spec(args), self.spec(kwargs)
         for t in tensors:
             owner = self.owned.get(id(t))

@@ -10,6 +10,7 @@ input with zeros).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -18,13 +19,14 @@ from torch.nn.utils import parametrize, prune
 
 from . import channelwise
 from .arithmetic import Layout
-from .graph import Call, DataFlowGraph, TensorRef, ValueKey
+from .graph import Call, DataFlowGraph, Shape, TensorRef, ValueKey
 from .rules import (
     Direction,
     FoldRule,
     RuleTable,
     find_rule,
     has_type,
+    identity_replacement,
     in_channels,
     is_norm_layer,
     layer_type,
@@ -49,6 +51,9 @@ class FoldSite:
     partners: tuple[str, ...]
     partner_types: tuple[str, ...]
     direction: Direction = "backward"
+    # backward: norms already folded into the same layer that this one reads through (a chain
+    # conv -> bn -> layer scale), in the order they apply
+    via: tuple[str, ...] = ()
 
     @property
     def decision(self) -> str:
@@ -127,6 +132,8 @@ class _Context:
     rules: RuleTable
     names: dict[int, str] = field(default_factory=dict)
     owners: dict[int, list[str]] = field(default_factory=dict)
+    # norms folded backward that become nn.Identity: a later norm may read through them into the same layer
+    transparent: set[str] = field(default_factory=set)
 
     def name(self, module: nn.Module) -> str:
         return self.names.get(id(module), "?")
@@ -205,19 +212,94 @@ def _rule_for(layer: nn.Module, norm: nn.Module, direction: Direction, ctx: _Con
     return rule
 
 
+_RESHAPE_OPS = {
+    "Tensor.reshape",
+    "Tensor.view",
+    "Tensor.flatten",
+    "Tensor.unflatten",
+    "Tensor.squeeze",
+    "Tensor.unsqueeze",
+    "Tensor.reshape_as",
+    "Tensor.view_as",
+    "Tensor.contiguous",
+    "_VariableFunctionsClass.reshape",
+    "_VariableFunctionsClass.flatten",
+    "_VariableFunctionsClass.squeeze",
+    "_VariableFunctionsClass.unsqueeze",
+}
+_TRANSPOSE_OPS = {"Tensor.transpose", "_VariableFunctionsClass.transpose", "Tensor.swapaxes", "Tensor.swapdims"}
+
+
+def _reshaped_axis(before: Shape, after: Shape, axis: int) -> int | None:
+    """The axis of ``before`` that a row-major reshape to ``after`` turns into ``axis``: the one with the same
+    size and the same number of elements after it (so every element keeps its index along it)."""
+    inner = math.prod(after[axis + 1 :])
+    for a, size in enumerate(before):
+        if size == after[axis] and math.prod(before[a + 1 :]) == inner:
+            return a
+    return None
+
+
+def _axis_before(step: Call, axis: int, ctx: _Context) -> int | None:
+    """Which axis of ``step``'s input becomes ``axis`` of its output (``None``: the channels are mixed)."""
+    if step.kind == "module" and ctx.name(step.module) in ctx.transparent:  # type: ignore[arg-type]
+        return axis
+    before, after = step.input_shapes[0], step.output_shapes[0]
+    if before is None or after is None:
+        return None
+    if step.kind == "module" and channelwise.is_permute_module(step.module):  # type: ignore[arg-type]
+        dims = [int(d) % len(after) for d in step.module.dims]  # type: ignore[union-attr]
+        return dims[axis]
+    if step.target in channelwise._PERMUTE_OPS:
+        for a in range(len(before)):
+            if channelwise.permuted_axis(step, a) == axis:
+                return a
+        return None
+    if step.target in _TRANSPOSE_OPS:
+        pair = [a for a in step.args[1:3] if isinstance(a, int)]
+        if len(pair) != 2:
+            return None
+        d0, d1 = (d % len(before) for d in pair)
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    return _reshaped_axis(before, after, axis)
+
+
+def _passes_back(source: Call, ctx: _Context) -> bool:
+    """Whether a backward fold may look through ``source`` to what feeds it: a norm already folded into
+    nn.Identity, or (with shapes) a reshape, permute or transpose, which move elements but never mix them."""
+    if source.kind == "module" and source.module is not None:
+        if ctx.name(source.module) in ctx.transparent:
+            return True
+        moves = isinstance(source.module, (nn.Flatten, nn.Unflatten)) or channelwise.is_permute_module(source.module)
+        return moves and ctx.graph.has_shapes
+    return (
+        source.kind == "function"
+        and ctx.graph.has_shapes
+        and source.target in _RESHAPE_OPS | _TRANSPOSE_OPS | channelwise._PERMUTE_OPS
+    )
+
+
 def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     """Fold into the layer that produces the norm's input, or raise _Kept."""
     graph = ctx.graph
     if not call.inputs:
         raise _Kept("it was called without a tensor input")
-    value = call.inputs[0]
-    source_index = graph.producer.get(value)
-    if source_index is None:
-        raise _Kept("its input is not produced by any layer bnfold saw (a tensor changed in place, or a constant)")
-    source = graph.calls[source_index]
+    value, reader = call.inputs[0], call
+    path: list[Call] = []  # the reshapes, permutes and folded norms between the layer and the norm
+    while True:
+        source_index = graph.producer.get(value)
+        if source_index is None:
+            raise _Kept("its input is not produced by any layer bnfold saw (a tensor changed in place, or a constant)")
+        source = graph.calls[source_index]
+        if not _passes_back(source, ctx) or len(source.outputs) != 1 or not source.inputs:
+            break
+        if graph.consumers.get(value, []) != [reader.index]:
+            raise _Kept(f"the output of '{source.target}' before it is also read elsewhere")
+        path.append(source)
+        value, reader = source.inputs[0], source
     if source.kind == "input":
         raise _Kept("its input is a model input: there is no layer before it to fold into")
-    if source.kind == "function" and source.target in _CAT_OPS:
+    if source.kind == "function" and source.target in _CAT_OPS and not path:
         return _backward_through_cat(norm, call, source, ctx)
     if source.kind != "module" or source.module is None:
         raise _Kept(
@@ -226,7 +308,7 @@ def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     layer = source.module
     name = ctx.name(layer)
     rule = _rule_for(layer, norm, "backward", ctx)
-    others = [graph.calls[i] for i in graph.consumers.get(value, []) if i != call.index]
+    others = [graph.calls[i] for i in graph.consumers.get(value, []) if i != reader.index]
     if others:
         where = "the model's outputs" if others[0].kind == "output" else f"'{others[0].target}'"
         raise _Kept(f"the output of '{name}' also feeds {where}: folding would change what that sees", name)
@@ -240,16 +322,25 @@ def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
         if out_ndim is None or in_ndim is None:
             raise _Kept("the shape of its input is unknown", name)
         norm_axis, layer_axis = rule.channel_axis(norm, in_ndim), _channel_axis(layer, rule.weight_layout, out_ndim)
-        if norm_axis != layer_axis:
+        axis = norm_axis
+        for step in path:
+            before = _axis_before(step, axis, ctx)
+            if before is None:
+                raise _Kept(f"'{step.target}' between '{name}' and it mixes the channels", name)
+            axis = before
+        if axis != layer_axis:
+            moved = f" (axis {axis} of the output of '{name}')" if path else ""
             raise _Kept(
-                f"it normalizes axis {norm_axis} of its input, but the output channels of '{name}' are axis {layer_axis}",
+                f"it normalizes axis {norm_axis} of its input{moved}, but the output channels of '{name}' are axis "
+                f"{layer_axis}",
                 name,
             )
     else:
         _symbolic_rank_check(norm, layer, rule, name, flattened=False)
     if parametrize.is_parametrized(layer, "bias") and tensor_attr(layer, "bias") is None:
         raise _Kept(f"'{name}' has a parametrized bias that is None", name)
-    return FoldSite(ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward")
+    via = tuple(ctx.name(step.module) for step in reversed(path) if ctx.name(step.module) in ctx.transparent)  # type: ignore[arg-type]
+    return FoldSite(ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward", via)
 
 
 _CAT_OPS = {"_VariableFunctionsClass.cat", "_VariableFunctionsClass.concat", "_VariableFunctionsClass.concatenate"}
@@ -442,20 +533,30 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
 
     sites: list[FoldSite] = []
     kept: list[KeptNorm] = []
-    order: list[str] = []
-    claimed: dict[tuple[str, str], str] = {}  # (layer, direction) -> norm already folding into it
-    for name, norm in model.named_modules():
-        if not is_norm_layer(norm, rules):
-            continue
-        order.append(name)
+    claimed: dict[tuple[str, str], str] = {}  # (layer, direction) -> last norm folding into it
+    norms = [(name, norm) for name, norm in model.named_modules() if is_norm_layer(norm, rules)]
+    order = [name for name, _ in norms]
+
+    def first_call(item: tuple[str, nn.Module]) -> int:
+        calls = [i for i in graph.calls_of(item[1]) if i >= 0]
+        return calls[0] if calls else len(graph.calls)
+
+    # in the order they run, so that a norm reading through one folded before it (conv -> bn -> scale)
+    # finds it decided, and the folds apply in the order the norms did
+    for name, norm in sorted(norms, key=first_call):
         try:
             site = _decide(norm, ctx)
             for partner in site.partners:
-                if (partner, site.direction) in claimed:
-                    raise _Kept(f"'{partner}' already takes '{claimed[(partner, site.direction)]}'", partner)
+                taken = claimed.get((partner, site.direction))
+                if taken is not None and taken not in site.via:
+                    raise _Kept(f"'{partner}' already takes '{taken}'", partner)
             for partner in site.partners:
                 claimed[(partner, site.direction)] = name
             sites.append(site)
+            rule = find_rule(rules, model.get_submodule(site.partners[0]), norm, site.direction)
+            if site.direction == "backward" and len(site.partners) == 1 and rule is not None:
+                if rule.replacement is identity_replacement:
+                    ctx.transparent.add(name)
         except _Kept as keep:
             kept.append(KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner))
     for row in _channelwise_ops(ctx, sites):

@@ -390,8 +390,13 @@ def builtin_rules() -> dict[RuleKey, FoldRule]:
     for scale in compat.layer_scale_2d_types():
         for layer in (nn.Conv2d, nn.ConvTranspose2d):
             rules.append(FoldRule(layer, scale, affine=layer_scale_affine, check=no_reason))
-    rules.append(FoldRule(nn.Linear, nn.BatchNorm1d))
-    rules.append(FoldRule(nn.Linear, nn.SyncBatchNorm))
+    # A norm of another rank reads the layer's output through a reshape or permute (a Conv2d flattened to
+    # (N, C, H*W) before a BatchNorm1d; a Linear on (N, H, W, C) permuted before a BatchNorm2d); the planner
+    # follows the channel axis through them and keeps the norm unless it lands on the layer's channels.
+    for dims in (1, 2, 3):
+        for layer in (_CONV[dims], _CONV_T[dims]):
+            rules.extend(FoldRule(layer, _BATCH[other]) for other in (1, 2, 3) if other != dims)
+    rules.extend(FoldRule(nn.Linear, norm) for norm in (*_BATCH.values(), nn.SyncBatchNorm))
     # Forward into a Linear: directly (BatchNorm1d on (N, C)), or through a Flatten of a (N, C, ...) map.
     for norm in (*_BATCH.values(), nn.SyncBatchNorm, *frozen):
         rules.append(FoldRule(nn.Linear, norm, "forward", check=no_reason if norm in frozen else running_stats_reason))
