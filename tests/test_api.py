@@ -338,3 +338,19 @@ def test_torch_compiled_module_is_refused_with_the_fix():
     with pytest.raises(TypeError, match="'0', a torch.compile'd module"):
         bnfold.plan(outer)
     assert isinstance(bnfold.fold(torch.compile(model)._orig_mod, torch.randn(1, 3, 8, 8))[1], nn.Identity)
+
+
+def test_compare_latency_times_both_models_side_by_side():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    folded = bnfold.fold(model, x)
+    calls = []
+    latency = bnfold.compare_latency(model, folded, (x,), runs=4, warmup=1, on_run=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert latency.runs == 4 and latency.before_ms > 0 and latency.after_ms > 0
+    assert latency.speedup == pytest.approx(latency.before_ms / latency.after_ms)
+    assert latency.to_dict()["speedup"] == latency.speedup
+    assert str(latency).startswith("latency:") and "median of 4 interleaved runs" in str(latency)
+    assert not model.training and torch.is_grad_enabled()
+    with pytest.raises(ValueError, match="runs must be a positive integer"):
+        bnfold.compare_latency(model, folded, x, runs=0)

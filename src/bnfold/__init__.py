@@ -8,6 +8,7 @@ exactly and safely, in any PyTorch model.
 
 from .api import BN_Folder, FoldResult, fold, fold_with_report, plan
 from .errors import BnfoldError, FoldError, TraceError, VerificationError
+from .latency import Latency, compare_latency
 from .planning import FoldPlan, FoldSite, KeptNorm
 from .report import FoldReport
 from .rules import FoldRule
@@ -24,6 +25,8 @@ __all__ = [
     "KeptNorm",
     "FoldReport",
     "FoldRule",
+    "compare_latency",
+    "Latency",
     "BN_Folder",
     "BnfoldError",
     "TraceError",

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from torch import nn
 from . import __version__
 from .api import fold_with_report, plan
 from .errors import BnfoldError, TraceError, VerificationError
+from .latency import Latency, compare_latency
 from .report import FoldReport, plan_rows, render_plan, render_report
 from .zoo import ArchitectureError, build_named_model, parse_model_name
 
@@ -369,35 +369,6 @@ def warnings_silenced() -> Iterator[None]:
         yield
 
 
-def _bench(
-    original: nn.Module, folded: nn.Module, example: torch.Tensor, runs: int, progress: Progress
-) -> dict[str, float]:
-    """Median latency of both models, runs interleaved so machine noise hits both alike."""
-
-    def once(model: nn.Module) -> float:
-        if example.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(example)
-        if example.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    warmup = 3
-    total = warmup + runs
-    with torch.no_grad():
-        for i in range(total):
-            for key, model in (("before", original), ("after", folded)):
-                elapsed = once(model)
-                if i >= warmup:
-                    times[key].append(elapsed)
-            progress.bar("benchmark", i + 1, total)
-    before = statistics.median(times["before"]) * 1e3
-    after = statistics.median(times["after"]) * 1e3
-    return {"runs": runs, "before_ms": before, "after_ms": after, "speedup": before / after}
-
-
 def _colour(text: str, enabled: bool) -> str:
     if not enabled:
         return text
@@ -455,7 +426,9 @@ def run(argv: list[str] | None, stdout: IO[str], stderr: IO[str]) -> int:
     report: dict[str, Any] = {}
     bench = None
     if args.bench:
-        bench = _bench(model, result.model, example, args.bench_runs, progress)
+        bench = compare_latency(
+            model, result.model, example, runs=args.bench_runs, on_run=lambda i, n: progress.bar("benchmark", i, n)
+        )
     written: list[str] = []
     onnx_result = None
     try:
@@ -474,7 +447,7 @@ def run(argv: list[str] | None, stdout: IO[str], stderr: IO[str]) -> int:
 
     if args.json:
         report = result.report.to_dict()
-        report["bench"] = bench
+        report["bench"] = None if bench is None else bench.to_dict()
         report["onnx"] = onnx_result
         report["written"] = written
         json.dump(report, stdout, indent=2)
@@ -487,15 +460,10 @@ def run(argv: list[str] | None, stdout: IO[str], stderr: IO[str]) -> int:
     return ExitCode.OK
 
 
-def _text_report(
-    report: FoldReport, bench: dict[str, float] | None, onnx: dict[str, Any] | None, written: list[str]
-) -> str:
+def _text_report(report: FoldReport, bench: Latency | None, onnx: dict[str, Any] | None, written: list[str]) -> str:
     lines = [render_report(report)]
     if bench is not None:
-        lines.append(
-            f"latency:    {bench['before_ms']:.2f} ms -> {bench['after_ms']:.2f} ms "
-            f"(x{bench['speedup']:.2f}, median of {int(bench['runs'])} interleaved runs)"
-        )
+        lines.append(str(bench))
     if onnx is not None:
         if onnx["checked"]:
             verdict = "matches" if onnx.get("ok") else "DIFFERS"
