@@ -1,4 +1,4 @@
-"""Real architectures from torchvision and timm (random weights, randomized norm statistics): outputs match
+"""Real architectures from torchvision, timm and Hugging Face transformers (random weights, randomized norm statistics): outputs match
 and the exact numbers of folded and kept norm layers are asserted."""
 
 from __future__ import annotations
@@ -103,3 +103,43 @@ def test_timm_vision_transformer_layer_scales_fold():
     result = check_fold(model, torch.randn(2, 3, 32, 32), folded=24, kept=25)
     assert {s.norm_type for s in result.report.plan.sites} == {"LayerScale"}
     assert all(isinstance(m, nn.Identity) for n, m in result.model.named_modules() if n.endswith((".ls1", ".ls2")))
+
+
+def _hf(name: str) -> nn.Module:
+    import transformers as hf
+
+    small = {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 2, 1], "num_labels": 10}
+    if name == "resnet":
+        return hf.ResNetForImageClassification(hf.ResNetConfig(embedding_size=16, **small))
+    if name == "convnext":
+        return hf.ConvNextForImageClassification(hf.ConvNextConfig(layer_scale_init_value=0.3, **small))
+    if name == "regnet":
+        return hf.RegNetForImageClassification(hf.RegNetConfig(groups_width=8, **{**small, "depths": [1, 1, 1, 1]}))
+    if name == "mobilenet_v2":
+        return hf.MobileNetV2ForImageClassification(hf.MobileNetV2Config(depth_multiplier=0.35, num_labels=10))
+    config = hf.LevitConfig(
+        hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=10
+    )
+    return hf.LevitForImageClassification(config)
+
+
+# Hugging Face transformers vision models (small configurations, random weights); their outputs are
+# ModelOutput objects, which are compared field by field.
+TRANSFORMERS = {
+    "resnet": (19, 0, 64),
+    # the 5 layer scales (layer_scale_parameter * x) fold into each block's pwconv2; the LayerNorms stay
+    "convnext": (5, 10, 64),
+    "regnet": (17, 0, 64),
+    "mobilenet_v2": (52, 0, 64),
+    # Linear + BatchNorm1d over flatten(0, 1) of the tokens, reshaped back
+    "levit": (27, 0, 224),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_transformers(name):
+    folded, kept, size = TRANSFORMERS[name]
+    torch.manual_seed(0)
+    model = _hf(name).eval()
+    result = check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
+    assert result.report.worst_output.startswith("output['logits']")
