@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from .rules import TRAINING_REASON, FoldRule, RuleTable, build_rules
 from .surgery import apply_plan, clone_model, undo_all
 from .verify import OutputDiff, compare_outputs, mismatch_error
 
+VerifyMode = Literal["outputs", "layers"]
 VERIFY_MODES = ("outputs", "layers")
 
 __all__ = ["fold", "plan", "fold_with_report", "FoldResult", "BN_Folder"]
@@ -136,7 +137,7 @@ def fold_with_report(
     *,
     inplace: bool = False,
     extra_rules: Iterable[FoldRule] | None = None,
-    verify: str = "outputs",
+    verify: VerifyMode = "outputs",
 ) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
 
@@ -193,7 +194,7 @@ def _fold(
     example_inputs: Tensor | tuple[Any, ...] | None,
     inplace: bool,
     extra_rules: Iterable[FoldRule] | None,
-    verify: str = "outputs",
+    verify: VerifyMode = "outputs",
 ) -> FoldResult:
     """The body of fold() and fold_with_report(), called directly by both (warnings point at the user)."""
     model = _check_model(model, "fold")
@@ -253,7 +254,7 @@ def fold(
     *,
     inplace: bool = False,
     extra_rules: Iterable[FoldRule] | None = None,
-    verify: str = "outputs",
+    verify: VerifyMode = "outputs",
 ) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize, prune
@@ -242,13 +243,14 @@ def _reshaped_axis(before: Shape, after: Shape, axis: int) -> int | None:
 
 def _axis_before(step: Call, axis: int, ctx: _Context) -> int | None:
     """Which axis of ``step``'s input becomes ``axis`` of its output (``None``: the channels are mixed)."""
-    if step.kind == "module" and ctx.name(step.module) in ctx.transparent:  # type: ignore[arg-type]
+    module = step.module if step.kind == "module" else None
+    if module is not None and ctx.name(module) in ctx.transparent:
         return axis
     before, after = step.input_shapes[0], step.output_shapes[0]
     if before is None or after is None:
         return None
-    if step.kind == "module" and channelwise.is_permute_module(step.module):  # type: ignore[arg-type]
-        dims = [int(d) % len(after) for d in step.module.dims]  # type: ignore[union-attr]
+    if module is not None and channelwise.is_permute_module(module):
+        dims = [int(d) % len(after) for d in module.dims]  # type: ignore[union-attr]
         return dims[axis]
     if step.target in channelwise._PERMUTE_OPS:
         for a in range(len(before)):
@@ -261,6 +263,8 @@ def _axis_before(step: Call, axis: int, ctx: _Context) -> int | None:
             return None
         d0, d1 = (d % len(before) for d in pair)
         return d1 if axis == d0 else d0 if axis == d1 else axis
+    if any(isinstance(a, torch.dtype) for a in step.args[1:]) or "dtype" in step.kwargs:
+        return None  # x.view(dtype) reinterprets the bits
     return _reshaped_axis(before, after, axis)
 
 
