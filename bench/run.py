@@ -30,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bnfold  # noqa: E402
+from bnfold.graph import iter_tensors  # noqa: E402
 
 from peers import LIMIT, Peer, norm_count, peers  # noqa: E402
 from zoo import QUICK, SCALING, ZOO, BenchModel, build, input_for  # noqa: E402
@@ -71,11 +72,10 @@ def rel_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def output_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's first output tensor (the logits of a tuple, a dict or a transformers ModelOutput)."""
     with torch.no_grad():
         out = model(x)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+    return next(iter_tensors(out))
 
 
 def run_tool(peer: Peer, model: nn.Module, x: torch.Tensor) -> tuple[nn.Module | None, float, str | None]:

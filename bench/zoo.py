@@ -1,5 +1,5 @@
-"""The models the benchmark measures: torchvision and timm architectures with random weights and
-randomized norm statistics, a fastai-built model, and models torch.fx cannot trace."""
+"""The models the benchmark measures: torchvision, timm and Hugging Face transformers architectures with
+random weights and randomized norm statistics, a fastai-built model, and models torch.fx cannot trace."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class BenchModel:
     name: str
     build: Callable[[], nn.Module]
     size: int = 224
+    frames: int | None = None  # video models take (N, C, frames, H, W)
 
 
 def _named(spec: str) -> Callable[[], nn.Module]:
@@ -31,6 +32,12 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
 
 def _timm(name: str) -> Callable[[], nn.Module]:
     return _named(f"timm:{name}")
+
+
+def _hf_resnet50() -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig())  # the default configuration is ResNet-50
 
 
 def _fastai_resnet34() -> nn.Module:
@@ -77,6 +84,11 @@ ZOO: list[BenchModel] = [
     BenchModel("timm/cspresnet50", _timm("cspresnet50")),
     BenchModel("timm/repvgg_a0", _timm("repvgg_a0")),
     BenchModel("timm/rexnet_100", _timm("rexnet_100")),
+    # a Conv3d subclass (Conv3DSimple) throughout
+    BenchModel("tv/r3d_18", _torchvision("r3d_18"), 64, frames=4),
+    # Linear + BatchNorm1d over flatten(0, 1) of the tokens
+    BenchModel("timm/levit_128s", _timm("levit_128s")),
+    BenchModel("hf/resnet50", _hf_resnet50),
     BenchModel("fastai/resnet34", _fastai_resnet34),
     BenchModel("custom/branchy", BranchyNet),
 ]
@@ -122,4 +134,5 @@ SCALING: list[BenchModel] = [BenchModel(f"tv/{n}", _torchvision(n), 64) for n in
 
 def input_for(entry: BenchModel) -> torch.Tensor:
     channels = 16 if entry.name.startswith("nested/") else 3
-    return torch.randn(1, channels, entry.size, entry.size, generator=torch.Generator().manual_seed(1))
+    frames = () if entry.frames is None else (entry.frames,)
+    return torch.randn(1, channels, *frames, entry.size, entry.size, generator=torch.Generator().manual_seed(1))
