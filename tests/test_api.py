@@ -354,3 +354,18 @@ def test_compare_latency_times_both_models_side_by_side():
     assert not model.training and torch.is_grad_enabled()
     with pytest.raises(ValueError, match="runs must be a positive integer"):
         bnfold.compare_latency(model, folded, x, runs=0)
+
+
+def test_a_model_failing_without_a_message_is_still_explained():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.shape[-1] != 32:
+                raise AssertionError
+            return self.conv(x)
+
+    with pytest.raises(bnfold.TraceError, match=r"AssertionError: \(no message; often an input of a size"):
+        bnfold.fold(Picky().eval(), torch.randn(1, 3, 16, 16))

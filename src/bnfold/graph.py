@@ -438,7 +438,7 @@ def trace_execution(
                 raise TraceError(
                     f"running {type(model).__name__} on example_inputs failed {tracer.where()} after "
                     f"{tracer.completed} completed module calls (last completed: '{tracer.last_completed or '-'}'): "
-                    f"{type(error).__name__}: {error}"
+                    f"{type(error).__name__}: {str(error) or '(no message; often an input of a size the model does not accept)'}"
                 ) from error
             out_keys, out_shapes = tracer.keys(output)
             tracer.graph.add("output", "<outputs>", None, out_keys, [], out_shapes, None)
