@@ -195,3 +195,34 @@ def test_every_permutation_folds_exactly_when_the_channels_reach_the_norm(perm):
         folded=int(channels_reach_the_norm),
         kept=int(not channels_reach_the_norm),
     )
+
+
+class NormActThenConstants(nn.Module):
+    """conv -> timm BatchNormAct2d -> * gamma + beta: the constants chain through the norm only when its
+    activation is the identity."""
+
+    def __init__(self, act):
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = BatchNormAct2d(4, act_layer=nn.ReLU, apply_act=act)
+        self.gamma = nn.Parameter(torch.randn(1, 4, 1, 1))  # negative entries too: relu(g x) != g relu(x)
+        self.beta = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.gamma + self.beta
+
+
+def test_constants_after_a_norm_that_keeps_its_activation_stay():
+    result = check_fold(NormActThenConstants(act=True).eval(), torch.randn(2, 3, 8, 8), folded=1, kept=2)
+    assert {k.norm for k in result.report.plan.kept} == {"gamma", "beta"}
+
+
+def test_constants_after_a_norm_act_without_activation_fold():
+    result = check_fold(NormActThenConstants(act=False).eval(), torch.randn(2, 3, 8, 8), folded=3, kept=0)
+    assert {s.norm: s.partners for s in result.report.plan.sites} == {
+        "bn": ("conv",),
+        "gamma": ("conv",),
+        "beta": ("conv",),
+    }

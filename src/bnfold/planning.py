@@ -23,11 +23,11 @@ from .arithmetic import Layout
 from .graph import Call, DataFlowGraph, Shape, TensorRef, ValueKey
 from .rules import (
     Direction,
+    FoldedNormAct,
     FoldRule,
     RuleTable,
     find_rule,
     has_type,
-    identity_replacement,
     in_channels,
     is_norm_layer,
     layer_type,
@@ -559,16 +559,23 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
             sites.append(site)
             rule = find_rule(rules, model.get_submodule(site.partners[0]), norm, site.direction)
             if site.direction == "backward" and len(site.partners) == 1 and rule is not None:
-                if rule.replacement is identity_replacement:
+                if _identity_once_folded(rule.replacement(norm)):
                     ctx.transparent.add(name)
         except _Kept as keep:
             kept.append(KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner))
-    for row in _channelwise_ops(ctx, sites):
+    for row in _channelwise_ops(ctx):
         if row.norm in order:
             continue  # a constant used by several ops is reported once (kept: used elsewhere)
         order.append(row.norm)
         (sites if isinstance(row, FoldSite) else kept).append(row)  # type: ignore[arg-type]
     return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))
+
+
+def _identity_once_folded(replacement: nn.Module) -> bool:
+    """Whether what takes a folded norm's place computes nothing (not an activation it kept)."""
+    if isinstance(replacement, FoldedNormAct):
+        return all(isinstance(child, nn.Identity) for child in replacement.children())
+    return isinstance(replacement, nn.Identity)
 
 
 def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
@@ -606,14 +613,13 @@ def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
 CHANNELWISE_PREFIX = "channel-wise "
 
 
-def _channelwise_ops(ctx: _Context, norm_sites: list[FoldSite]) -> list[FoldSite | KeptNorm]:
+def _channelwise_ops(ctx: _Context) -> list[FoldSite | KeptNorm]:
     """Rows, in graph order, for ``layer(x) <op> constant`` (mul/div/add/sub by a per-channel parameter
     or buffer): folded into the layer, or kept with the reason."""
     graph = ctx.graph
     if not graph.has_shapes:
         return []
     layers = layer_types(ctx.rules)
-    backward_norms = {s.norm for s in norm_sites if s.direction == "backward"}
     # value -> (layer whose output it is, up to folded norms, permutes and folded ops; channel axis in it)
     source: dict[ValueKey, tuple[nn.Module, int]] = {}
     rows: list[FoldSite | KeptNorm] = []
@@ -627,7 +633,7 @@ def _channelwise_ops(ctx: _Context, norm_sites: list[FoldSite]) -> list[FoldSite
             shape = call.output_shapes[0]
             if has_type(module, layers) and shape is not None:
                 source[out] = (module, _channel_axis(module, layout_for(module, ctx.rules), len(shape)))
-            elif ctx.name(module) in backward_norms and call.inputs[0] in source:
+            elif ctx.name(module) in ctx.transparent and call.inputs[0] in source:
                 source[out] = source[call.inputs[0]]
             elif (
                 channelwise.is_permute_module(module) and call.inputs[0] in source and only_reader(call.inputs[0], call)
