@@ -23,15 +23,16 @@ from .arithmetic import Layout
 from .graph import Call, DataFlowGraph, Shape, TensorRef, ValueKey
 from .rules import (
     Direction,
-    FoldedNormAct,
     FoldRule,
     RuleTable,
     find_rule,
     has_type,
+    identity_replacement,
     in_channels,
     is_norm_layer,
     layer_type,
     layout_for,
+    norm_act_replacement,
     out_channels,
     require_tensor,
     tensor_attr,
@@ -559,7 +560,7 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
             sites.append(site)
             rule = find_rule(rules, model.get_submodule(site.partners[0]), norm, site.direction)
             if site.direction == "backward" and len(site.partners) == 1 and rule is not None:
-                if _identity_once_folded(rule.replacement(norm)):
+                if _identity_once_folded(rule, norm):
                     ctx.transparent.add(name)
         except _Kept as keep:
             kept.append(KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner))
@@ -571,11 +572,14 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
     return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))
 
 
-def _identity_once_folded(replacement: nn.Module) -> bool:
-    """Whether what takes a folded norm's place computes nothing (not an activation it kept)."""
-    if isinstance(replacement, FoldedNormAct):
-        return all(isinstance(child, nn.Identity) for child in replacement.children())
-    return isinstance(replacement, nn.Identity)
+def _identity_once_folded(rule: FoldRule, norm: nn.Module) -> bool:
+    """Whether what takes a folded norm's place computes nothing (not an activation it kept). Custom
+    replacements are not looked into."""
+    if rule.replacement is identity_replacement:
+        return True
+    if rule.replacement is norm_act_replacement:
+        return all(isinstance(getattr(norm, n, None), (nn.Identity, type(None))) for n in ("drop", "act"))
+    return False
 
 
 def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
