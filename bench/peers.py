@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -143,13 +143,21 @@ def _probe(module: str) -> str | None:
     return None
 
 
-def peers() -> list[Peer]:
+def peers(names: Iterable[str] | None = None) -> list[Peer]:
+    """The tools, or only those named: a fresh-process probe imports just the tool it measures (before
+    measuring, so that no tool's import counts as memory of its fold)."""
+    specs = [
+        ("bnfold", fold_bnfold, lambda: bnfold.__version__, "bnfold"),
+        ("fasterai", fold_fasterai, lambda: _version("fasterai"), "fasterai.misc.bn_folding"),
+        ("torch.fx fuse", fold_fx, lambda: torch.__version__, "torch.fx.experimental.optimization"),
+        ("torch.ao fuse_modules", fold_ao, lambda: torch.__version__, "torch.ao.quantization"),
+        ("AIMET", fold_aimet, lambda: _version("aimet-torch"), "aimet_torch.batch_norm_fold"),
+    ]
+    wanted = None if names is None else set(names)
     return [
-        Peer("bnfold", fold_bnfold, bnfold.__version__),
-        Peer("fasterai", fold_fasterai, _version("fasterai"), _probe("fasterai.misc.bn_folding")),
-        Peer("torch.fx fuse", fold_fx, torch.__version__),
-        Peer("torch.ao fuse_modules", fold_ao, torch.__version__),
-        Peer("AIMET", fold_aimet, _version("aimet-torch"), _probe("aimet_torch.batch_norm_fold")),
+        Peer(name, fold, version(), _probe(module))
+        for name, fold, version, module in specs
+        if wanted is None or name in wanted
     ]
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     entry = by_name(model_name)
     model = build(entry)
     x = input_for(entry)
-    peer = next(p for p in [*peers(), LIMIT] if p.name == tool)
+    peer = next(p for p in [*peers([tool]), LIMIT] if p.name == tool)
     with torch.no_grad():
         model(x)
     gc.collect()
