@@ -221,3 +221,70 @@ def test_same_padding_conv_takes_norms_after_it_but_never_before():
     assert "no forward fold rule for Conv2dSame" in result.report.plan.kept[0].reason
     after = nn.Sequential(create_conv2d(4, 4, 3, padding="same", stride=2), nn.BatchNorm2d(4)).eval()
     check_fold(after, torch.randn(2, 4, 7, 7), folded=1, kept=0)
+
+
+class Head(nn.Module):
+    """A norm after a residual sum (no layer before it to take it), then pooling, then a layer."""
+
+    def __init__(self, pool: nn.Module | str, then: nn.Module, flatten: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = pool
+        self.flatten = nn.Flatten() if flatten else nn.Identity()
+        self.then = then
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.bn(y + y.flip(-1))
+        y = y.mean((2, 3)) if self.pool == "mean" else y.mean(-1, keepdim=True) if self.pool == "mean1" else self.pool(y)
+        return self.then(self.flatten(y))
+
+
+@pytest.mark.parametrize(
+    ("pool", "then", "flatten"),
+    [
+        (nn.AdaptiveAvgPool2d(1), nn.Linear(4, 5), True),  # the classic head: bn -> global pool -> fc
+        (nn.AdaptiveAvgPool2d(2), nn.Linear(16, 5), True),
+        (nn.AvgPool2d(2), nn.Conv2d(4, 5, 1), False),
+        (nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False), nn.Conv2d(4, 5, 1), False),
+        ("mean", nn.Linear(4, 5), False),
+        ("mean1", nn.Conv2d(4, 5, 1), False),
+    ],
+)
+def test_forward_through_averages(pool, then, flatten):
+    result = check_fold(Head(pool, then, flatten).eval(), torch.randn(2, 3, 8, 8), folded=1, kept=0)
+    assert result.report.plan.sites[0].direction == "forward"
+
+
+def test_averages_of_padded_zeros_and_means_over_channels_keep_the_norm():
+    padded = Head(nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(4, 5, 1), flatten=False).eval()
+    result = check_fold(padded, torch.randn(2, 3, 8, 8), folded=0, kept=1)
+    assert "count_include_pad=True" in result.report.plan.kept[0].reason
+
+    class OverChannels(Head):
+        def forward(self, x):
+            return self.then(self.bn(self.conv(x) * 2).mean(1, keepdim=True))
+
+    model = OverChannels(nn.Identity(), nn.Conv2d(1, 5, 1), flatten=False).eval()
+    result = check_fold(model, torch.randn(2, 3, 8, 8), folded=0, kept=1)
+    assert "over its channels" in result.report.plan.kept[0].reason
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_forward_through_max_pooling_only_with_positive_scales(positive):
+    model = Head(nn.MaxPool2d(2), nn.Conv2d(4, 5, 1), flatten=False).eval()
+    randomize_norms(model)
+    if not positive:
+        with torch.no_grad():
+            model.bn.weight[0] = -1.0  # a negative scale: the max would pick another element
+    result = check_fold(model, torch.randn(2, 3, 8, 8), folded=int(positive), kept=int(not positive), randomize=False)
+    if not positive:
+        assert "some of the norm's scales are not positive" in result.report.plan.kept[0].reason
+
+
+def test_forward_through_pooling_without_example_inputs():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4)).eval()
+    plan = bnfold.plan(model)
+    assert plan.traced_with == "torch.fx"
+    assert [(s.norm, s.partners, s.direction) for s in plan.sites] == [("1", ("4",), "forward")]

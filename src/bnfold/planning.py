@@ -449,6 +449,60 @@ def _padding_reason(layer: nn.Module, rule: FoldRule, name: str) -> str | None:
     return None
 
 
+_MEAN_OPS = {"Tensor.mean", "_VariableFunctionsClass.mean"}
+_AVG_POOLS: dict[type[nn.Module], int] = {
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
+_MAX_POOLS: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+
+
+def _pool_reason(module: nn.Module, positive: bool) -> str | None:
+    """Why a pooling module does not commute with the norm's per-channel ``scale * x + shift``, or None.
+
+    An average of a window commutes when it averages real elements only (no zero padding counted, no
+    divisor override); a maximum commutes when every scale is positive (it would pick the minimum otherwise).
+    """
+    if type(module) in _AVG_POOLS:
+        padding = getattr(module, "padding", 0)
+        padded = any(int(p) != 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
+        if padded and getattr(module, "count_include_pad", False):
+            return "averages padded zeros (count_include_pad=True)"
+        if getattr(module, "divisor_override", None) is not None:
+            return "divides by a fixed divisor_override"
+        return None
+    if getattr(module, "return_indices", False):
+        return "also returns indices"
+    return None if positive else "takes a maximum, and some of the norm's scales are not positive"
+
+
+def _mean_axis(reader: Call, axis: int, ndim: int) -> int | None:
+    """The channel axis after ``x.mean(dim, keepdim)`` when ``dim`` leaves the channels alone, else None."""
+    args = list(reader.args[1:])
+    dim = reader.kwargs.get("dim", args[0] if args else None)
+    keepdim = reader.kwargs.get("keepdim", args[1] if len(args) > 1 else False)
+    if "dtype" in reader.kwargs or not isinstance(keepdim, bool):
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    reduced = {d % ndim for d in dims}
+    if axis in reduced:
+        return None
+    return axis if keepdim else axis - sum(1 for d in reduced if d < axis)
+
+
 def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     """Fold into every layer that reads the norm's output, or raise _Kept."""
     graph = ctx.graph
@@ -460,11 +514,18 @@ def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
             "next layer would read that tensor itself"
         )
     in_ndim = call.input_ndims[0]
+    chain = type_chain(norm)
+    rule = next(r for (_, kind, d), r in ctx.rules.items() if kind in chain and d == "forward")
+    scale = rule.affine(norm)[0]
+    positive = bool((scale > 0).all())
+    axis = rule.channel_axis(norm, in_ndim) if in_ndim is not None else None
     partners: list[nn.Module] = []
-    frontier: list[tuple[ValueKey, bool]] = [(call.outputs[0], False)]
+    # (value, flattened, channel axis): the norm's output, or what it became through identities, a full
+    # Flatten, pooling or a mean over other axes; the axis is None without shapes
+    frontier: list[tuple[ValueKey, bool, int | None]] = [(call.outputs[0], False, axis)]
     seen: set[int] = set()
     while frontier:
-        value, flattened = frontier.pop()
+        value, flattened, axis = frontier.pop()
         readers = graph.consumers.get(value, [])
         if not readers:
             raise _Kept("its output is not read by any layer")
@@ -472,20 +533,40 @@ def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
             reader = graph.calls[index]
             if reader.kind == "output":
                 raise _Kept("its output is also a model output")
-            if reader.kind != "module" or reader.module is None:
-                raise _Kept(f"its output goes to '{reader.target}', which it cannot fold into", reader.target)
-            module = reader.module
             if index in seen:
                 continue
             seen.add(index)
             if reader.inputs.count(value) != 1 or reader.inputs[0] != value or len(reader.outputs) != 1:
-                raise _Kept(f"'{ctx.name(module)}' reads its output in a way bnfold cannot follow", ctx.name(module))
-            if _is_transparent(module) or _is_full_flatten(module):
-                if len(graph.calls_of(module)) > 1:
-                    raise _Kept(f"'{ctx.name(module)}' is called more than once", ctx.name(module))
-                frontier.append((reader.outputs[0], flattened or _is_full_flatten(module)))
+                what = ctx.name(reader.module) if reader.module is not None else reader.target
+                raise _Kept(f"'{what}' reads its output in a way bnfold cannot follow", what)
+            if reader.kind == "function" and reader.target in _MEAN_OPS and not flattened and axis is not None:
+                ndim = reader.input_ndims[0]
+                after = None if ndim is None else _mean_axis(reader, axis, ndim)
+                if after is None:
+                    raise _Kept(f"its output goes to '{reader.target}' over its channels, which it cannot fold into")
+                frontier.append((reader.outputs[0], False, after))
                 continue
-            _check_forward_partner(norm, module, reader, flattened, in_ndim, ctx)
+            if reader.kind != "module" or reader.module is None:
+                raise _Kept(f"its output goes to '{reader.target}', which it cannot fold into", reader.target)
+            module = reader.module
+            pooled = type(module) in _AVG_POOLS or type(module) in _MAX_POOLS
+            if _is_transparent(module) or _is_full_flatten(module) or (pooled and not flattened):
+                name = ctx.name(module)
+                if len(graph.calls_of(module)) > 1:
+                    raise _Kept(f"'{name}' is called more than once", name)
+                if pooled:
+                    reason = _pool_reason(module, positive)
+                    spatial = _AVG_POOLS.get(type(module)) or _MAX_POOLS[type(module)]
+                    ndim = reader.input_ndims[0]
+                    if reason is None and axis is not None and ndim is not None and axis >= ndim - spatial:
+                        reason = "pools over its channels"
+                    if reason:
+                        raise _Kept(f"'{name}' between it and the next layer {reason}", name)
+                if _is_full_flatten(module) and not flattened and axis not in (1, None):
+                    raise _Kept(f"'{name}' flattens its channels together with the axes before them", name)
+                frontier.append((reader.outputs[0], flattened or _is_full_flatten(module), axis))
+                continue
+            _check_forward_partner(norm, module, reader, flattened, axis, ctx)
             partners.append(module)
     names = tuple(ctx.name(p) for p in partners)
     return FoldSite(
@@ -494,8 +575,9 @@ def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
 
 
 def _check_forward_partner(
-    norm: nn.Module, layer: nn.Module, reader: Call, flattened: bool, norm_in_ndim: int | None, ctx: _Context
+    norm: nn.Module, layer: nn.Module, reader: Call, flattened: bool, axis: int | None, ctx: _Context
 ) -> None:
+    """``axis``: where the norm's channels are in ``layer``'s input (None without shapes)."""
     name = ctx.name(layer)
     rule = _rule_for(layer, norm, "forward", ctx)
     reason = _padding_reason(layer, rule, name)
@@ -512,16 +594,15 @@ def _check_forward_partner(
         raise _Kept(f"it has {channels} channels but '{name}' reads {in_features}", name)
     if ctx.graph.has_shapes:
         layer_ndim = reader.input_ndims[0]
-        if norm_in_ndim is None or layer_ndim is None:
+        if axis is None or layer_ndim is None:
             raise _Kept("the shape of its output is unknown", name)
-        norm_axis = rule.channel_axis(norm, norm_in_ndim)
         if flattened:
-            ok = norm_axis == 1 and layer_ndim == 2 and rule.weight_layout == "linear"
+            ok = axis == 1 and layer_ndim == 2 and rule.weight_layout == "linear"
         else:
-            ok = norm_in_ndim == layer_ndim and norm_axis == _channel_axis(layer, rule.weight_layout, layer_ndim)
+            ok = axis == _channel_axis(layer, rule.weight_layout, layer_ndim)
         if not ok:
             raise _Kept(
-                f"it normalizes axis {norm_axis}, which is not the axis of the input channels of '{name}'", name
+                f"its channels reach '{name}' on axis {axis}, which is not the axis of its input channels", name
             )
     else:
         _symbolic_rank_check(norm, layer, rule, name, flattened)
