@@ -237,7 +237,13 @@ class Head(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         y = self.bn(y + y.flip(-1))
-        y = y.mean((2, 3)) if self.pool == "mean" else y.mean(-1, keepdim=True) if self.pool == "mean1" else self.pool(y)
+        y = (
+            y.mean((2, 3))
+            if self.pool == "mean"
+            else y.mean(-1, keepdim=True)
+            if self.pool == "mean1"
+            else self.pool(y)
+        )
         return self.then(self.flatten(y))
 
 

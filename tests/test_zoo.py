@@ -50,6 +50,8 @@ TIMM = {
     "mixnet_s": (49, 0, 64),
     # the 12 layer scales (x.mul(gamma)) fold into each block's fc2; the 17 LayerNorms stay
     "convnext_atto": (12, 17, 64),
+    # the final norm reads a residual sum: it folds forward through the spatial mean into both timm Linear heads
+    "swiftformer_xs": (26, 0, 64),
 }
 
 
@@ -143,3 +145,10 @@ def test_transformers(name):
     model = _hf(name).eval()
     result = check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
     assert result.report.worst_output.startswith("output['logits']")
+
+
+def test_swiftformer_final_norm_folds_forward_into_both_heads():
+    model = timm.create_model("swiftformer_xs", pretrained=False, num_classes=10).eval()
+    plan = bnfold.plan(model, torch.randn(1, 3, 64, 64))
+    final = next(s for s in plan.sites if s.norm == "norm")
+    assert (final.direction, final.partners) == ("forward", ("head", "head_dist"))

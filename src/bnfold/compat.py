@@ -65,3 +65,9 @@ def layer_scale_2d_types() -> tuple[type[nn.Module], ...]:
 def same_padding_conv_types() -> tuple[type[nn.Module], ...]:
     """Conv2d subclasses that pad 'same' at run time with zeros: timm's ``Conv2dSame`` (backward only)."""
     return _present(_optional("timm.layers.conv2d_same", "Conv2dSame"))
+
+
+def plain_linear_types() -> tuple[type[nn.Module], ...]:
+    """nn.Linear subclasses whose forward is ``F.linear(x, weight, bias)``: timm's ``Linear`` (it only casts
+    the weight to the input's dtype under TorchScript)."""
+    return _present(_optional("timm.layers.linear", "Linear"))

@@ -12,6 +12,7 @@ the base's rules when it has none of its own. Users teach bnfold new pairs by pa
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -400,6 +401,9 @@ def builtin_rules() -> dict[RuleKey, FoldRule]:
     # Forward into a Linear: directly (BatchNorm1d on (N, C)), or through a Flatten of a (N, C, ...) map.
     for norm in (*_BATCH.values(), nn.SyncBatchNorm, *frozen):
         rules.append(FoldRule(nn.Linear, norm, "forward", check=no_reason if norm in frozen else running_stats_reason))
+    # Linear subclasses that compute exactly F.linear take every nn.Linear rule.
+    for linear in compat.plain_linear_types():
+        rules.extend(dataclasses.replace(rule, layer=linear) for rule in list(rules) if rule.layer is nn.Linear)
     return {rule.key: rule for rule in rules}
 
 
