@@ -639,10 +639,10 @@ def make_plan(model: nn.Module, graph: DataFlowGraph, rules: RuleTable) -> FoldP
             for partner in site.partners:
                 claimed[(partner, site.direction)] = name
             sites.append(site)
-            rule = find_rule(rules, model.get_submodule(site.partners[0]), norm, site.direction)
-            if site.direction == "backward" and len(site.partners) == 1 and rule is not None:
-                if _identity_once_folded(rule, norm):
-                    ctx.transparent.add(name)
+            if site.direction == "backward" and len(site.partners) == 1:
+                rule = find_rule(rules, model.get_submodule(site.partners[0]), norm, "backward")
+                if rule is not None and _identity_once_folded(rule, norm):
+                    ctx.transparent.add(name)  # a later norm may read through it into the same layer
         except _Kept as keep:
             kept.append(KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner))
     for row in _channelwise_ops(ctx):
