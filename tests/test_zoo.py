@@ -11,7 +11,7 @@ from torch import nn
 
 import bnfold
 
-from helpers import check_fold
+from helpers import check_fold, max_rel_diff, randomize_norms
 
 # name: (folded, kept, input size). Kept norms, where any, are explained in the comment.
 TORCHVISION = {
@@ -152,3 +152,33 @@ def test_swiftformer_final_norm_folds_forward_into_both_heads():
     plan = bnfold.plan(model, torch.randn(1, 3, 64, 64))
     final = next(s for s in plan.sites if s.norm == "norm")
     assert (final.direction, final.partners) == ("forward", ("head", "head_dist"))
+
+
+# In float64 a correct fold differs from the original by rounding only (~1e-15): any wrong scale, shift or
+# pairing, however small its effect, stands far above that.
+FLOAT64 = [
+    ("torchvision", "resnet18", 64),
+    ("torchvision", "r3d_18", 32),
+    ("timm", "mixnet_s", 64),
+    ("timm", "levit_128s", 224),
+    ("timm", "efficientformer_l1", 224),
+    ("timm", "swiftformer_xs", 64),
+    ("timm", "convnext_atto", 64),
+]
+
+
+@pytest.mark.parametrize(("library", "name", "size"), FLOAT64, ids=[f"{lib}-{n}" for lib, n, _ in FLOAT64])
+def test_float64_folds_are_exact_to_rounding(library, name, size):
+    torch.manual_seed(0)
+    if library == "torchvision":
+        model = _torchvision(name)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    model = randomize_norms(model.eval()).double()
+    shape = (2, 3, 4, size, size) if name == "r3d_18" else (2, 3, size, size)
+    x = torch.randn(*shape, dtype=torch.float64)
+    result = bnfold.fold_with_report(model, x)
+    assert result.report.folded > 0
+    with torch.no_grad():
+        expected, actual = model(x), result.model(x)
+    assert max_rel_diff(expected, actual) < 1e-12
