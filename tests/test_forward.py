@@ -294,3 +294,44 @@ def test_forward_through_pooling_without_example_inputs():
     plan = bnfold.plan(model)
     assert plan.traced_with == "torch.fx"
     assert [(s.norm, s.partners, s.direction) for s in plan.sites] == [("1", ("4",), "forward")]
+
+
+class AfterSum(nn.Module):
+    """conv -> (+ itself, so the norm has no layer to fold backward into) -> norm -> ``move`` -> layer."""
+
+    def __init__(self, norm: nn.Module, move, layer: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 1) if isinstance(norm, nn.BatchNorm1d) else nn.Conv2d(3, 4, 1)
+        self.norm, self.move, self.layer = norm, move, layer
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.layer(self.move(self.norm(y + y.flip(-1))))
+
+
+@pytest.mark.parametrize(
+    ("norm", "move", "layer", "shape"),
+    [
+        (nn.BatchNorm1d(4), lambda t: t.transpose(1, 2), nn.Linear(4, 5), (2, 3, 7)),  # point clouds
+        (nn.BatchNorm2d(4), lambda t: t.permute(0, 2, 3, 1), nn.Linear(4, 5), (2, 3, 5, 6)),  # channels last
+        (nn.BatchNorm2d(4), lambda t: torch.flatten(t, 1), nn.Linear(4 * 30, 5), (2, 3, 5, 6)),
+        (nn.BatchNorm2d(4), lambda t: t.view(t.shape[0], -1), nn.Linear(4 * 30, 5), (2, 3, 5, 6)),
+        (nn.BatchNorm2d(4), lambda t: t.mean((2, 3)).flatten(1), nn.Linear(4, 5), (2, 3, 5, 6)),
+        (nn.BatchNorm2d(4), lambda t: t.flatten(2).unsqueeze(-1), nn.Conv2d(4, 5, 1), (2, 3, 5, 6)),
+    ],
+)
+def test_forward_through_reshapes_and_permutes(norm, move, layer, shape):
+    result = check_fold(AfterSum(norm, move, layer).eval(), torch.randn(*shape), folded=1, kept=0)
+    assert result.report.plan.sites[0].direction == "forward"
+
+
+@pytest.mark.parametrize(
+    ("move", "layer"),
+    [
+        (lambda t: t.reshape(t.shape[0], t.shape[2], 4, t.shape[3]), nn.Conv2d(5, 2, 1)),  # channels interleaved
+        (lambda t: t.permute(0, 1, 3, 2), nn.Linear(5, 2)),  # the layer reads the rows, not the channels
+    ],
+)
+def test_forward_through_moves_that_lose_the_channels_keeps_the_norm(move, layer):
+    model = AfterSum(nn.BatchNorm2d(4), move, layer).eval()
+    check_fold(model, torch.randn(2, 3, 5, 5), folded=0, kept=1)

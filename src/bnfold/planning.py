@@ -503,6 +503,45 @@ def _mean_axis(reader: Call, axis: int, ndim: int) -> int | None:
     return axis if keepdim else axis - sum(1 for d in reduced if d < axis)
 
 
+def _axis_after(step: Call, axis: int) -> tuple[int, bool] | None:
+    """Where channel ``axis`` of ``step``'s input lands in its output (a reshape, permute or transpose), and
+    whether the step flattened it with everything after it into (N, C * rest), channel-major; None when the
+    channels are mixed with another axis."""
+    before, after = step.input_shapes[0], step.output_shapes[0]
+    if before is None or after is None:
+        return None
+    module = step.module if step.kind == "module" else None
+    if module is not None and channelwise.is_permute_module(module):
+        dims = [int(d) % len(after) for d in module.dims]  # type: ignore[union-attr]
+        return (dims.index(axis), False) if axis in dims else None
+    if step.target in channelwise._PERMUTE_OPS:
+        moved = channelwise.permuted_axis(step, axis)
+        return None if moved is None else (moved, False)
+    if step.target in _TRANSPOSE_OPS:
+        pair = [a for a in step.args[1:3] if isinstance(a, int)]
+        if len(pair) != 2:
+            return None
+        d0, d1 = (d % len(before) for d in pair)
+        return (d1 if axis == d0 else d0 if axis == d1 else axis), False
+    if any(isinstance(a, torch.dtype) for a in step.args[1:]) or "dtype" in step.kwargs:
+        return None
+    same = _reshaped_axis(after, before, axis)
+    if same is not None:
+        return same, False
+    if axis == 1 and len(after) == 2 and after[0] == before[0]:
+        return 1, True  # x.flatten(1), x.view(N, -1): the features are channel-major blocks
+    return None
+
+
+def _moves_elements(reader: Call) -> bool:
+    """A reshape, permute or transpose (function or module) that a forward fold may follow by shapes."""
+    if reader.kind == "module" and reader.module is not None:
+        module = reader.module
+        partial_flatten = isinstance(module, nn.Flatten) and not _is_full_flatten(module)
+        return partial_flatten or isinstance(module, nn.Unflatten) or channelwise.is_permute_module(module)
+    return reader.kind == "function" and reader.target in _RESHAPE_OPS | _TRANSPOSE_OPS | channelwise._PERMUTE_OPS
+
+
 def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
     """Fold into every layer that reads the norm's output, or raise _Kept."""
     graph = ctx.graph
@@ -545,6 +584,12 @@ def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
                 if after is None:
                     raise _Kept(f"its output goes to '{reader.target}' over its channels, which it cannot fold into")
                 frontier.append((reader.outputs[0], False, after))
+                continue
+            if _moves_elements(reader) and graph.has_shapes and not flattened and axis is not None:
+                moved = _axis_after(reader, axis)
+                if moved is None:
+                    raise _Kept(f"'{reader.target}' after it mixes its channels with another axis", reader.target)
+                frontier.append((reader.outputs[0], moved[1], moved[0]))
                 continue
             if reader.kind != "module" or reader.module is None:
                 raise _Kept(f"its output goes to '{reader.target}', which it cannot fold into", reader.target)
