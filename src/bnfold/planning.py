@@ -244,29 +244,15 @@ def _reshaped_axis(before: Shape, after: Shape, axis: int) -> int | None:
 
 def _axis_before(step: Call, axis: int, ctx: _Context) -> int | None:
     """Which axis of ``step``'s input becomes ``axis`` of its output (``None``: the channels are mixed)."""
-    module = step.module if step.kind == "module" else None
-    if module is not None and ctx.name(module) in ctx.transparent:
+    if step.kind == "module" and step.module is not None and ctx.name(step.module) in ctx.transparent:
         return axis
-    before, after = step.input_shapes[0], step.output_shapes[0]
-    if before is None or after is None:
+    ndim = step.input_ndims[0]
+    if ndim is None:
         return None
-    if module is not None and channelwise.is_permute_module(module):
-        dims = [int(d) % len(after) for d in module.dims]  # type: ignore[union-attr]
-        return dims[axis]
-    if step.target in channelwise._PERMUTE_OPS:
-        for a in range(len(before)):
-            if channelwise.permuted_axis(step, a) == axis:
-                return a
-        return None
-    if step.target in _TRANSPOSE_OPS:
-        pair = [a for a in step.args[1:3] if isinstance(a, int)]
-        if len(pair) != 2:
-            return None
-        d0, d1 = (d % len(before) for d in pair)
-        return d1 if axis == d0 else d0 if axis == d1 else axis
-    if any(isinstance(a, torch.dtype) for a in step.args[1:]) or "dtype" in step.kwargs:
-        return None  # x.view(dtype) reinterprets the bits
-    return _reshaped_axis(before, after, axis)
+    for candidate in range(ndim):
+        if _axis_after(step, candidate) == (axis, False):
+            return candidate
+    return None
 
 
 def _passes_back(source: Call, ctx: _Context) -> bool:
