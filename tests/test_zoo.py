@@ -77,6 +77,14 @@ def test_timm(name):
     check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
 
 
+def test_norms_of_auxiliary_heads_are_kept_and_say_why():
+    model = _torchvision("googlenet").eval()  # aux1 and aux2 run only in training mode
+    plan = bnfold.plan(model, torch.randn(1, 3, 64, 64))
+    kept = {k.norm: k.reason for k in plan.kept}
+    assert set(kept) == {"aux1.conv.bn", "aux2.conv.bn"}
+    assert all(r.startswith("it does not run on the example inputs") for r in kept.values())
+
+
 def test_timm_zoo_covers_batchnormact2d():
     from timm.layers import BatchNormAct2d
 

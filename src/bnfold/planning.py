@@ -700,7 +700,8 @@ def _decide(norm: nn.Module, ctx: _Context) -> FoldSite:
         raise _Kept(reason)
     calls = ctx.graph.calls_of(norm)
     if not calls:
-        raise _Kept("it is not called in the forward pass")
+        where = "on the example inputs" if ctx.graph.has_shapes else "in the traced forward pass"
+        raise _Kept(f"it does not run {where} (an auxiliary head used only in training?): nothing shows what feeds it")
     if len(calls) > 1:
         raise _Kept(f"it is called {len(calls)} times in one forward pass (shared)")
     if len(norm._forward_hooks) > 0 or len(norm._forward_pre_hooks) > 0:
