@@ -258,16 +258,9 @@ def _axis_before(step: Call, axis: int, ctx: _Context) -> int | None:
 def _passes_back(source: Call, ctx: _Context) -> bool:
     """Whether a backward fold may look through ``source`` to what feeds it: a norm already folded into
     nn.Identity, or (with shapes) a reshape, permute or transpose, which move elements but never mix them."""
-    if source.kind == "module" and source.module is not None:
-        if ctx.name(source.module) in ctx.transparent:
-            return True
-        moves = isinstance(source.module, (nn.Flatten, nn.Unflatten)) or channelwise.is_permute_module(source.module)
-        return moves and ctx.graph.has_shapes
-    return (
-        source.kind == "function"
-        and ctx.graph.has_shapes
-        and source.target in _RESHAPE_OPS | _TRANSPOSE_OPS | channelwise._PERMUTE_OPS
-    )
+    if source.kind == "module" and source.module is not None and ctx.name(source.module) in ctx.transparent:
+        return True
+    return ctx.graph.has_shapes and _moves_elements(source)
 
 
 def _backward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
@@ -519,13 +512,12 @@ def _axis_after(step: Call, axis: int) -> tuple[int, bool] | None:
     return None
 
 
-def _moves_elements(reader: Call) -> bool:
-    """A reshape, permute or transpose (function or module) that a forward fold may follow by shapes."""
-    if reader.kind == "module" and reader.module is not None:
-        module = reader.module
-        partial_flatten = isinstance(module, nn.Flatten) and not _is_full_flatten(module)
-        return partial_flatten or isinstance(module, nn.Unflatten) or channelwise.is_permute_module(module)
-    return reader.kind == "function" and reader.target in _RESHAPE_OPS | _TRANSPOSE_OPS | channelwise._PERMUTE_OPS
+def _moves_elements(step: Call) -> bool:
+    """A reshape, flatten, permute or transpose (function or module): a fold may follow it by its shapes."""
+    if step.kind == "module" and step.module is not None:
+        module = step.module
+        return isinstance(module, (nn.Flatten, nn.Unflatten)) or channelwise.is_permute_module(module)
+    return step.kind == "function" and step.target in _RESHAPE_OPS | _TRANSPOSE_OPS | channelwise._PERMUTE_OPS
 
 
 def _forward(norm: nn.Module, call: Call, ctx: _Context) -> FoldSite:
