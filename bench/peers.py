@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import bnfold
 from bnfold import compat
-from bnfold.rules import FoldedNormAct
+from bnfold.norms import FoldedNormAct
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _ao_pairs(model: nn.Module, x: torch.Tensor) -> list[list[str]]:
     known = {key for key in _DEFAULT_OP_LIST_TO_FUSER_METHOD if len(key) == 2}
     pairs = []
     for site in bnfold.plan(model, x).sites:
-        if site.direction != "backward" or site.norm_type.startswith("channel-wise"):
+        if site.kind != "backward":
             continue
         layer, norm = model.get_submodule(site.partners[0]), model.get_submodule(site.norm)
         if (type(layer), type(norm)) in known:

@@ -7,7 +7,7 @@ from torch import nn
 
 from bnfold.testing import randomize_norms
 
-__all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold"]
+__all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold", "Chain"]
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,3 +64,24 @@ def _leaves(obj):
             yield from _leaves(item)
     else:
         yield obj
+
+
+class Chain(nn.Module):
+    """A model that applies its steps in order: modules (registered as ``s0``, ``s1``, ...) and plain
+    functions of the running tensor (``lambda y: y.permute(0, 2, 3, 1)``). The shared builder for small
+    hand-made models: ``Chain(nn.Conv2d(3, 4, 1), lambda y: y.clone(), nn.BatchNorm2d(4))``."""
+
+    def __init__(self, *steps):
+        super().__init__()
+        self.funcs = {}
+        for i, step in enumerate(steps):
+            if isinstance(step, nn.Module):
+                self.add_module(f"s{i}", step)
+            else:
+                self.funcs[i] = step
+        self.count = len(steps)
+
+    def forward(self, x):
+        for i in range(self.count):
+            x = self.funcs[i](x) if i in self.funcs else getattr(self, f"s{i}")(x)
+        return x

@@ -69,19 +69,25 @@ def test_state_dict_keys_of_folded_layers_stay():
 
 
 def test_at_most_one_copy(monkeypatch):
-    calls = []
+    copies = []  # the modules deep-copied from outside any other deepcopy: one entry per copy made
+    depth = [0]
     real = copy.deepcopy
 
-    def counting(obj, memo=None):
-        if isinstance(obj, nn.Module) and memo is not None and not calls:
-            calls.append(type(obj).__name__)
-        elif isinstance(obj, nn.Module) and memo is None:
-            calls.append(type(obj).__name__)
-        return real(obj, memo)
+    def counting(obj, memo=None, _nil=()):
+        if isinstance(obj, nn.Module) and depth[0] == 0:
+            copies.append(type(obj).__name__)
+        depth[0] += 1
+        try:
+            return real(obj, memo)
+        finally:
+            depth[0] -= 1
 
     monkeypatch.setattr(copy, "deepcopy", counting)
     bnfold.fold(small_net(), X)
-    assert calls == ["Sequential"]
+    assert copies == ["Sequential"]
+    copies.clear()
+    bnfold.fold(small_net(), X, inplace=True)
+    assert copies == []
 
 
 def test_plan_changes_nothing_and_prints_a_table():
@@ -98,7 +104,7 @@ def test_plan_changes_nothing_and_prints_a_table():
 # -- verification ------------------------------------------------------------------------------------
 def _wrong_rule() -> bnfold.FoldRule:
     def wrong_affine(norm):
-        scale, shift = bnfold.rules.norm_affine(norm)
+        scale, shift = bnfold.norms.norm_affine(norm)
         return scale * 2, shift
 
     return bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, affine=wrong_affine)
@@ -261,7 +267,10 @@ def test_folded_norm_act_scripts():
 
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4))).eval()
     folded = bnfold.fold(model, X)
-    torch.jit.script(folded)
+    scripted = torch.jit.script(folded)
+    assert type(folded[1]).__name__ == "FoldedNormAct"
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(X), model(X), rtol=1e-5, atol=1e-5)
 
 
 # -- the fasterai drop-in -----------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Property tests of the fold arithmetic against an independent oracle: running the layers in float64."""
+"""Property tests of the fold arithmetic against an independent oracle: running the layers in float64.
+
+Each test folds through ``bnfold.fold`` (the planner, then surgery's own arithmetic calls), so what is
+tested is what production runs."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnfold.arithmetic import affine_from_stats, fold_backward
+import bnfold
+from bnfold.arithmetic import scale_output_channels
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -21,6 +25,17 @@ def _random_bn(bn: nn.Module, g: torch.Generator) -> None:
         if bn.affine:
             bn.weight.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
             bn.bias.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
+
+
+def _assert_folds_exactly(model: nn.Module, x: torch.Tensor, kind: str) -> None:
+    """Fold a float64 model through bnfold.fold: one fold of ``kind``, outputs equal to 1e-10."""
+    model = model.double().eval()
+    with torch.no_grad():
+        expected = model(x)
+    result = bnfold.fold_with_report(model, x)
+    assert [s.kind for s in result.report.plan.sites] == [kind], str(result.report.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @settings(max_examples=120, deadline=None)
@@ -45,14 +60,7 @@ def test_conv_fold_matches_conv_then_bn(dims, transposed, groups, per_group_in, 
     bn = BN[dims](cout, eps=eps, affine=affine).double().eval()
     _random_bn(bn, g)
     x = torch.randn(2, cin, *([4] * dims), generator=g, dtype=torch.float64)
-    expected = bn(layer(x))
-
-    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, eps)
-    w, b = fold_backward(layer.weight, layer.bias, scale, shift, "conv_transpose" if transposed else "conv", groups)
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        layer.bias = nn.Parameter(b)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    _assert_folds_exactly(nn.Sequential(layer, bn), x, "backward")
 
 
 @settings(max_examples=60, deadline=None)
@@ -65,27 +73,35 @@ def test_linear_fold_matches_linear_then_bn(fin, fout, bias, affine, seed):
     bn = nn.BatchNorm1d(fout, affine=affine).double().eval()
     _random_bn(bn, g)
     x = torch.randn(5, fin, generator=g, dtype=torch.float64)
-    expected = bn(linear(x))
-    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    w, b = fold_backward(linear.weight, linear.bias, scale, shift, "linear")
-    torch.testing.assert_close(torch.nn.functional.linear(x, w, b), expected, rtol=1e-10, atol=1e-10)
+    _assert_folds_exactly(nn.Sequential(linear, bn), x, "backward")
 
 
 def test_fold_computes_in_float64_and_returns_the_layer_dtype():
     w = torch.randn(4, 3, dtype=torch.float16)
     scale = torch.full((4,), 1.0 / 3.0, dtype=torch.float32)
-    new_w, new_b = fold_backward(w, None, scale, torch.zeros(4), "linear")
-    assert new_w.dtype == torch.float16 and new_b.dtype == torch.float16
+    new_w = scale_output_channels(w, scale, "linear")
+    assert new_w.dtype == torch.float16
     # one rounding of the exact float64 product, not a float16 product of rounded factors
     exact = (w.double() * scale.double()[:, None]).half()
     assert torch.equal(new_w, exact)
+
+
+def test_float16_model_folds_with_one_rounding():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    _random_bn(model[1], torch.Generator().manual_seed(0))
+    model.half()
+    bn = model[1]
+    scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    exact = (model[0].weight.double() * scale[:, None]).half()
+    folded = bnfold.fold(model, torch.randn(5, 3, dtype=torch.float16))
+    assert folded[0].weight.dtype == torch.float16 and torch.equal(folded[0].weight, exact)
 
 
 def test_unknown_layout_is_a_clear_error():
     import pytest
 
     with pytest.raises(ValueError, match="unknown weight layout 'dense'"):
-        fold_backward(torch.ones(2, 2), None, torch.ones(2), torch.zeros(2), "dense")  # type: ignore[arg-type]
+        scale_output_channels(torch.ones(2, 2), torch.ones(2), "dense")  # type: ignore[arg-type]
 
 
 @settings(max_examples=100, deadline=None)
@@ -99,8 +115,6 @@ def test_unknown_layout_is_a_clear_error():
     seed=st.integers(0, 2**16),
 )
 def test_forward_fold_matches_bn_then_unpadded_layer(dims, transposed, groups, per_group_in, per_group_out, bias, seed):
-    from bnfold.arithmetic import fold_forward
-
     g = torch.Generator().manual_seed(seed)
     cin, cout = groups * per_group_in, groups * per_group_out
     # a ConvTranspose folds forward exactly when every output sees all its taps: kernel 1, stride 1
@@ -111,26 +125,15 @@ def test_forward_fold_matches_bn_then_unpadded_layer(dims, transposed, groups, p
     bn = BN[dims](cin).double().eval()
     _random_bn(bn, g)
     x = torch.randn(2, cin, *([4] * dims), generator=g, dtype=torch.float64)
-    expected = layer(bn(x))
-    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    w, b = fold_forward(layer.weight, layer.bias, scale, shift, "conv_transpose" if transposed else "conv", groups)
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        layer.bias = nn.Parameter(b)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    _assert_folds_exactly(nn.Sequential(bn, layer), x, "forward")
 
 
 @settings(max_examples=60, deadline=None)
 @given(channels=st.integers(1, 4), positions=st.integers(1, 5), fout=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_forward_fold_into_linear_over_flattened_channels(channels, positions, fout, seed):
-    from bnfold.arithmetic import fold_forward
-
     g = torch.Generator().manual_seed(seed)
     bn = nn.BatchNorm1d(channels).double().eval()
     _random_bn(bn, g)
     linear = nn.Linear(channels * positions, fout).double()
     x = torch.randn(3, channels, positions, generator=g, dtype=torch.float64)
-    expected = linear(bn(x).flatten(1))
-    scale, shift = affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    w, b = fold_forward(linear.weight, linear.bias, scale, shift, "linear")
-    torch.testing.assert_close(torch.nn.functional.linear(x.flatten(1), w, b), expected, rtol=1e-10, atol=1e-10)
+    _assert_folds_exactly(nn.Sequential(bn, nn.Flatten(), linear), x, "forward")

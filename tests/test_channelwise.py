@@ -178,3 +178,44 @@ def test_folding_channelwise_constants_twice_is_a_no_op():
     again = bnfold.fold_with_report(once, torch.randn(2, 3, 8, 8))
     assert again.report.folded == 0 and again.report.kept == 0
     assert torch.equal(again.model.conv.weight, weight)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda g: g[:, None, None],
+        lambda g: g.unsqueeze(-1).unsqueeze(-1),
+        lambda g: g.reshape(1, -1, 1, 1),
+        lambda g: g.view(-1, 1, 1),
+    ],
+    ids=["index-none", "unsqueeze-twice", "reshape", "view"],
+)
+def test_constant_reaches_the_op_through_reshapes(view):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return self.conv(x) * view(self.gamma)
+
+    result = check_fold(Scaled().eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0)
+    assert result.report.plan.sites[0].kind == "constant" and result.report.plan.sites[0].op == "mul"
+    assert torch.equal(result.model.gamma, torch.ones(4))
+
+
+def test_constant_that_belongs_to_a_module_bnfold_does_not_look_into_is_kept():
+    class M(nn.Module):  # the norm's own weight, read again by the model: resetting it would change the norm
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.d = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Parameter(torch.tensor([2.0]))
+
+        def forward(self, x):
+            return self.bn(self.conv(x) * self.bn.weight.view(-1, 1, 1) / self.d)
+
+    model = M().eval()
+    result = check_fold(model, torch.randn(2, 3, 8, 8), folded=0, kept=3)
+    kept = {k.norm: k.reason for k in result.report.plan.kept}
+    assert "is also read by 'bn'" in kept["bn.weight"]
+    assert torch.equal(result.model.bn.weight, model.bn.weight)

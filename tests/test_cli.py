@@ -200,6 +200,7 @@ def test_json_report(tmp_path, pickled):
         "decision": "folded",
         "partner": "stem",
         "partners": ["stem"],
+        "kind": "backward",
         "direction": "backward",
         "reason": None,
     }

@@ -19,7 +19,7 @@ def _wrong_rule():
     """A rule with a wrong affine map: what a bug in a fold would look like."""
 
     def doubled(norm):
-        scale, shift = bnfold.rules.norm_affine(norm)
+        scale, shift = bnfold.norms.norm_affine(norm)
         return 2 * scale, shift
 
     return bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, affine=doubled)

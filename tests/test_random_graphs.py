@@ -1,5 +1,6 @@
-"""Property test over random model graphs: stacks of conv / bn / relu / add / concat, with shared
-modules and in-place ops. Whatever the graph, folding must never change the outputs."""
+"""Property test over random model graphs: stacks of conv / bn / relu / add / concat, constants, dropout,
+pooling and the op table's reshapes, permutes and rolls, with shared modules and in-place ops. Whatever
+the graph, folding must never change the outputs."""
 
 from __future__ import annotations
 
@@ -12,26 +13,37 @@ import bnfold
 
 from helpers import randomize_norms
 
-OPS = [
-    "conv_bn",
-    "conv_bn",
-    "conv_bn",
-    "conv",
-    "bn",
-    "bn",
-    "relu",
-    "relu_",
-    "add",
-    "cat",
-    "add_",
-    "shared_conv",
-    "shared_bn",
-    "conv_t",
-]
+# every step Program supports, with how often it is drawn
+STEP_WEIGHTS = {
+    "conv_bn": 3,
+    "conv": 1,
+    "bn": 2,
+    "bn_conv": 2,
+    "relu": 1,
+    "relu_": 1,
+    "add": 1,
+    "cat": 1,
+    "add_": 1,
+    "shared_conv": 1,
+    "shared_bn": 1,
+    "conv_t": 1,
+    "conv1x1": 1,
+    "reflect_conv": 1,
+    "dropout": 1,
+    "scale": 2,
+    "permute": 1,
+    "flatten": 1,
+    "roll": 1,
+    "avg_pool": 1,
+    "max_pool": 1,
+}
+OPS = [op for op, weight in STEP_WEIGHTS.items() for _ in range(weight)]
 
 
 class Program(nn.Module):
     """Interprets a list of (op, a, b, width) steps over a growing list of values."""
+
+    SUPPORTED = frozenset(STEP_WEIGHTS)
 
     def __init__(self, steps: list[tuple[str, int, int, int]], in_channels: int = 3):
         super().__init__()
@@ -41,7 +53,10 @@ class Program(nn.Module):
         self.dropout = nn.Dropout(0.5)
         self.scales = nn.ParameterList()
         channels = [in_channels]
+        self.pools = nn.ModuleList()
         for op, a, b, width in steps:
+            if op not in self.SUPPORTED:
+                raise ValueError(f"unknown step {op!r}")
             src = len(channels) - 1 if a < 30 else a % len(channels)  # mostly a chain, sometimes a branch
             c = channels[src]
             if op == "conv_bn":
@@ -91,8 +106,20 @@ class Program(nn.Module):
                     continue
                 self.steps.append(("bn", src, 0, index, 0))
                 channels.append(c)
-            elif op in ("relu", "relu_", "add_"):
+            elif op in ("relu", "relu_", "add_", "permute", "flatten"):
                 self.steps.append((op, src, 0, 0, 0))
+                channels.append(c)
+            elif op == "roll":  # over the channels (b even: must end a fold's path) or over the height
+                self.steps.append((op, src, 1 if b % 2 == 0 else 2, 0, 0))
+                channels.append(c)
+            elif op in ("avg_pool", "max_pool"):
+                pool = (
+                    nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=bool(b % 2))
+                    if op == "avg_pool"
+                    else nn.MaxPool2d(3, stride=1, padding=1)
+                )
+                self.pools.append(pool)
+                self.steps.append(("pool", src, 0, len(self.pools) - 1, 0))
                 channels.append(c)
             elif op in ("add", "cat"):
                 other = b % len(channels)
@@ -120,6 +147,14 @@ class Program(nn.Module):
                 out = torch.relu_(v)  # in place: every earlier reader of v has already run
             elif op == "add_":
                 out = v.add_(0.5)
+            elif op == "permute":  # channels last and back: the channels keep their place
+                out = v.permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+            elif op == "flatten":
+                out = v.flatten(2).unflatten(2, v.shape[2:])
+            elif op == "roll":
+                out = torch.roll(v, 1, dims=b)
+            elif op == "pool":
+                out = self.pools[index](v)
             elif op == "add":
                 out = v + values[b]
             else:
@@ -140,6 +175,12 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(t.clone() for t in model(x.clone()))
 
 
+def test_every_supported_step_is_drawn():
+    assert set(OPS) == Program.SUPPORTED
+    drawn = Program([(op, 0, 1, 4) for op in STEP_WEIGHTS])
+    assert {step[0] for step in drawn.steps} >= {"conv", "bn", "dropout", "scale", "pool", "roll", "permute"}
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=steps_strategy, seed=st.integers(0, 1000))
 def test_folding_never_changes_outputs(steps, seed):
@@ -149,7 +190,9 @@ def test_folding_never_changes_outputs(steps, seed):
     expected = _outputs(model, x)
     result = bnfold.fold_with_report(model, x)  # raises VerificationError if outputs changed
     plan = result.report.plan
-    norm_rows = [r for r in plan.rows if not r.norm_type.startswith("channel-wise")]
+    norm_rows = [
+        r for r in plan.rows if getattr(r, "kind", None) != "constant" and r.norm in dict(model.named_modules())
+    ]
     assert len(norm_rows) == len(model.norms)
     event(f"folded {min(len(plan.sites), 3)}+")
     for e, a in zip(expected, _outputs(result.model, x), strict=True):

@@ -77,6 +77,17 @@ def test_timm(name):
     check_fold(model, torch.randn(2, 3, size, size), folded=folded, kept=kept)
 
 
+def test_norm_act_without_activation_folds_forward():
+    """coatnet's pre_norm is a BatchNormAct2d whose act and drop are Identity: a plain norm, so it folds
+    forward into the next 1x1 conv (the 15 LayerNorm2d stay)."""
+    torch.manual_seed(0)
+    model = timm.create_model("coatnet_pico_rw_224", pretrained=False, num_classes=10).eval()
+    result = check_fold(model, torch.randn(1, 3, 224, 224), folded=16, kept=15)
+    forward = [s for s in result.report.plan.sites if s.kind == "forward"]
+    assert [s.norm.rpartition(".")[2] for s in forward] == ["pre_norm"] * 5
+    assert all(s.partners[0].endswith("conv1_1x1") for s in forward)
+
+
 def test_norms_of_auxiliary_heads_are_kept_and_say_why():
     model = _torchvision("googlenet").eval()  # aux1 and aux2 run only in training mode
     plan = bnfold.plan(model, torch.randn(1, 3, 64, 64))
@@ -93,7 +104,7 @@ def test_timm_zoo_covers_batchnormact2d():
     assert len(norm_acts) == 49
     folded = bnfold.fold(model, torch.randn(1, 3, 64, 64))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    assert sum(isinstance(m, bnfold.rules.FoldedNormAct) for m in folded.modules()) == 49
+    assert sum(isinstance(m, bnfold.norms.FoldedNormAct) for m in folded.modules()) == 49
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])

@@ -9,7 +9,9 @@ exactly and safely, in any PyTorch model.
 from .api import BN_Folder, FoldResult, fold, fold_with_report, plan
 from .errors import BnfoldError, FoldError, TraceError, VerificationError
 from .latency import Latency, compare_latency
-from .planning import FoldPlan, FoldSite, KeptNorm
+from .layers import LayerRule
+from .norms import NormRule
+from .plan import FoldPlan, FoldSite, KeptNorm
 from .report import FoldReport
 from .rules import FoldRule
 
@@ -25,6 +27,8 @@ __all__ = [
     "KeptNorm",
     "FoldReport",
     "FoldRule",
+    "NormRule",
+    "LayerRule",
     "compare_latency",
     "Latency",
     "BN_Folder",

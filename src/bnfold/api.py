@@ -21,9 +21,11 @@ from .graph import (
     trace_symbolic,
 )
 from .layercheck import Probes, Recording, compare, probes_for, record
-from .planning import FoldPlan, layer_types, make_plan, norm_types
+from .norms import TRAINING_REASON
+from .plan import FoldPlan
+from .planner import make_plan
 from .report import FoldReport, model_size
-from .rules import TRAINING_REASON, FoldRule, RuleTable, build_rules
+from .rules import AnyRule, RuleTable, build_rules
 from .surgery import apply_plan, clone_model, undo_all
 from .verify import OutputDiff, compare_outputs, mismatch_error
 
@@ -74,7 +76,7 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def _discover(model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable) -> DataFlowGraph:
-    recorded = layer_types(rules) | norm_types(rules)
+    recorded = rules.layer_types() | rules.norm_types()
     if args is None:
         return trace_symbolic(model, recorded, recorded)
     return trace_execution(model, args, recorded, recorded)
@@ -104,7 +106,7 @@ def plan(
     model: nn.Module,
     example_inputs: Tensor | tuple[Any, ...] | None = None,
     *,
-    extra_rules: Iterable[FoldRule] | None = None,
+    extra_rules: Iterable[AnyRule] | None = None,
 ) -> FoldPlan:
     """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
 
@@ -136,7 +138,7 @@ def fold_with_report(
     example_inputs: Tensor | tuple[Any, ...] | None = None,
     *,
     inplace: bool = False,
-    extra_rules: Iterable[FoldRule] | None = None,
+    extra_rules: Iterable[AnyRule] | None = None,
     verify: VerifyMode = "outputs",
 ) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
@@ -193,7 +195,7 @@ def _fold(
     model: nn.Module,
     example_inputs: Tensor | tuple[Any, ...] | None,
     inplace: bool,
-    extra_rules: Iterable[FoldRule] | None,
+    extra_rules: Iterable[AnyRule] | None,
     verify: VerifyMode = "outputs",
 ) -> FoldResult:
     """The body of fold() and fold_with_report(), called directly by both (warnings point at the user)."""
@@ -253,7 +255,7 @@ def fold(
     example_inputs: Tensor | tuple[Any, ...] | None = None,
     *,
     inplace: bool = False,
-    extra_rules: Iterable[FoldRule] | None = None,
+    extra_rules: Iterable[AnyRule] | None = None,
     verify: VerifyMode = "outputs",
 ) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.

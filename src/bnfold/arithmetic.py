@@ -28,8 +28,6 @@ __all__ = [
     "scale_input_channels",
     "input_shift_response",
     "fold_bias",
-    "fold_backward",
-    "fold_forward",
 ]
 
 #: How a producer stores its weight: ``conv`` is ``(out, in/groups, *kernel)``,
@@ -164,41 +162,3 @@ def fold_bias(bias: Tensor | None, scale: Tensor, shift: Tensor, like: Tensor) -
     if bias is not None:
         out = out + _f64(bias, device) * s
     return out.to(device=like.device, dtype=like.dtype)
-
-
-def fold_backward(
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: Tensor,
-    shift: Tensor,
-    layout: Layout,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Fold ``y = scale * layer(x) + shift`` into the layer's ``(weight, bias)``.
-
-    >>> w, b = fold_backward(torch.ones(2, 1), None, torch.tensor([2.0, 3.0]), torch.ones(2), "linear")
-    >>> w.flatten().tolist(), b.tolist()
-    ([2.0, 3.0], [1.0, 1.0])
-    """
-    return scale_output_channels(weight, scale, layout, groups), fold_bias(bias, scale, shift, weight)
-
-
-def fold_forward(
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: Tensor,
-    shift: Tensor,
-    layout: Layout,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Fold ``layer(scale * x + shift)`` into the layer's ``(weight, bias)``: the weight is scaled along its
-    input channels and the bias gains the layer's response to ``shift``. Exact only when every output sees
-    a full receptive field of real inputs (no zero padding); the planner checks that.
-
-    >>> w, b = fold_forward(torch.ones(1, 2), None, torch.tensor([2.0, 3.0]), torch.ones(2), "linear")
-    >>> w.tolist(), b.tolist()
-    ([[2.0, 3.0]], [2.0])
-    """
-    response = input_shift_response(weight, shift, layout, groups)
-    ones = torch.ones_like(response)
-    return scale_input_channels(weight, scale, layout, groups), fold_bias(bias, ones, response, weight)

@@ -20,6 +20,8 @@ __all__ = [
     "layer_scale_types",
     "layer_scale_2d_types",
     "same_padding_conv_types",
+    "plain_linear_types",
+    "permute_module_types",
 ]
 
 
@@ -71,3 +73,9 @@ def plain_linear_types() -> tuple[type[nn.Module], ...]:
     """nn.Linear subclasses whose forward is ``F.linear(x, weight, bias)``: timm's ``Linear`` (it only casts
     the weight to the input's dtype under TorchScript)."""
     return _present(_optional("timm.layers.linear", "Linear"))
+
+
+def permute_module_types() -> tuple[type[nn.Module], ...]:
+    """Modules that permute their input's axes by a ``dims`` attribute: torchvision's ``Permute``
+    (ConvNeXt, Swin)."""
+    return _present(_optional("torchvision.ops.misc", "Permute"))

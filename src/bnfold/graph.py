@@ -30,8 +30,8 @@ import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .classes import has_type
 from .errors import TraceError
-from .rules import has_type
 
 __all__ = [
     "Call",

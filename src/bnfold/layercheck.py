@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import channelwise
+from .constants import constant_named
 from .graph import detached_copy, iter_tensors, preserved_buffers, seeded
-from .planning import CHANNELWISE_PREFIX, FoldPlan, FoldSite
+from .plan import FoldKind, FoldPlan, FoldSite
 from .verify import OutputDiff, compare_outputs
 
-__all__ = ["Probes", "Recording", "probes_for", "record", "compare"]
+__all__ = ["Probes", "Recording", "ProbeRole", "PROBE_ROLES", "probes_for", "record", "compare"]
 
 
 @dataclass(frozen=True)
@@ -59,33 +59,56 @@ class Probes:
     exits: tuple[Exit, ...]
 
 
+@dataclass(frozen=True)
+class ProbeRole:
+    """How a kind of fold changes values, for the per-layer check.
+
+    ``side="after"``: it folds into the layers that feed it, whose outputs are then changed until the last
+    fold after them restores the original's values at its ``exit`` (the norm's output, ``"module"``, or
+    the result of the op that applies a constant, ``"constant"``). ``side="before"``: it folds into the
+    layers it feeds; its own output is changed, and their outputs restore the original's values.
+    """
+
+    side: str  # "after" | "before"
+    exit: str = "module"  # "module" | "constant"
+
+
+# One entry per kind of fold: a new kind adds its entry here.
+PROBE_ROLES: dict[FoldKind, ProbeRole] = {
+    "backward": ProbeRole("after"),
+    "concat": ProbeRole("after"),
+    "constant": ProbeRole("after", exit="constant"),
+    "forward": ProbeRole("before"),
+}
+
+
 def probes_for(plan: FoldPlan) -> Probes:
     """The entries and exits of every folded region of ``plan``.
 
-    A layer that takes norms backward (and channel-wise constants after them) leaves its output changed; the
-    last fold applied to it restores the original's values. A norm folded forward leaves its own output
-    changed; the layers it folds into restore them.
+    A layer that takes folds after it (norms, channel-wise constants) leaves its output changed; the last
+    fold applied to it restores the original's values. A norm folded into the layers after it leaves its
+    own output changed; those layers restore them.
     """
-    backward: dict[str, list[FoldSite]] = defaultdict(list)  # layer -> folds after it, in order
-    forward_norms: list[str] = []
-    forward_partners: dict[str, list[str]] = defaultdict(list)  # layer -> norms folded forward into it
+    after: dict[str, list[FoldSite]] = defaultdict(list)  # layer -> folds after it, in order
+    before_norms: list[str] = []
+    before_partners: dict[str, list[str]] = defaultdict(list)  # layer -> norms folded into its input
     for site in plan.sites:
-        if site.direction == "forward":
-            forward_norms.append(site.norm)
+        if PROBE_ROLES[site.kind].side == "before":
+            before_norms.append(site.norm)
             for partner in site.partners:
-                forward_partners[partner].append(site.norm)
+                before_partners[partner].append(site.norm)
         else:
             for partner in site.partners:
-                backward[partner].append(site)
-    entries = [layer for layer in backward if layer not in forward_partners] + forward_norms
+                after[partner].append(site)
+    entries = [layer for layer in after if layer not in before_partners] + before_norms
     exits: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for layer, chain in backward.items():
+    for layer, chain in after.items():
         last = chain[-1]
-        kind = "constant" if last.norm_type.startswith(CHANNELWISE_PREFIX) else "module"
-        exits[(kind, last.norm)].extend(s.norm for s in chain)
-        exits[(kind, last.norm)].extend(forward_partners.get(layer, []))
-    for layer, norms in forward_partners.items():
-        if layer not in backward:
+        exit_key = (PROBE_ROLES[last.kind].exit, last.norm)
+        exits[exit_key].extend(s.norm for s in chain)
+        exits[exit_key].extend(before_partners.get(layer, []))
+    for layer, norms in before_partners.items():
+        if layer not in after:
             exits[("module", layer)].extend(norms)
     return Probes(
         tuple(dict.fromkeys(entries)),
@@ -169,7 +192,7 @@ def record(model: nn.Module, args: tuple[Any, ...], probes: Probes, replay: Reco
             if exit_.kind == "module":
                 handles.append(modules[exit_.name].register_forward_hook(exit_hook(exit_)))
             else:
-                watched[id(channelwise.constant_named(model, exit_.name))] = exit_
+                watched[id(constant_named(model, exit_.name))] = exit_
         with torch.no_grad(), preserved_buffers(model), seeded(model):
             if watched:
                 with _ConstantExits(watched, values):

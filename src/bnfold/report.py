@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .planning import FoldPlan, FoldSite
+if TYPE_CHECKING:
+    from .plan import FoldPlan
 
 __all__ = ["FoldReport", "model_size", "plan_rows", "render_plan", "render_report"]
 
@@ -86,12 +87,17 @@ def plan_rows(plan: FoldPlan) -> list[dict[str, Any]]:
             "type": row.norm_type,
             "decision": row.decision,
             "partner": row.partner,
-            "partners": list(row.partners) if isinstance(row, FoldSite) else ([row.partner] if row.partner else []),
-            "direction": row.direction if isinstance(row, FoldSite) else None,
-            "reason": None if isinstance(row, FoldSite) else row.reason,
+            "partners": list(getattr(row, "partners", ())) or ([row.partner] if row.partner else []),
+            "kind": getattr(row, "kind", None),
+            "direction": getattr(row, "direction", None),
+            "reason": getattr(row, "reason", None),
         }
         for row in plan.rows
     ]
+
+
+# which side of the norm its partners are on: "<-" the layer before it, "->" the layers after it
+_ARROWS = {"backward": "<-", "forward": "->"}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -105,11 +111,12 @@ def render_plan(plan: FoldPlan) -> str:
     """The plan as an aligned table: one row per norm layer, then the totals."""
     rows = []
     for row in plan.rows:
-        if isinstance(row, FoldSite):
-            arrow = "<-" if row.direction == "backward" else "->"
-            rows.append([row.norm, row.norm_type, "folded", f"{arrow} {row.partner}", ""])
+        reason = getattr(row, "reason", None)
+        if reason is None:
+            arrow = _ARROWS[getattr(row, "direction", "backward")]
+            rows.append([row.norm, row.norm_type, row.decision, f"{arrow} {row.partner}", ""])
         else:
-            rows.append([row.norm, row.norm_type, "kept", row.partner or "", row.reason])
+            rows.append([row.norm, row.norm_type, row.decision, row.partner or "", reason])
     head = f"{plan.model_type} (traced with {plan.traced_with}): {len(plan.sites)} norm layers folded, {len(plan.kept)} kept"
     if not rows:
         return head + "\n(no norm layers)"

@@ -1,269 +1,57 @@
-"""The rule table: which (layer, norm) pairs fold, in which direction, and how.
+"""The rule table: what bnfold knows about norms, about layers, and about the rare pair that differs.
 
-A plain dict keyed by exact types, ``(layer type, norm type, direction) -> FoldRule``,
-in the manner of PyTorch's fuser method mappings. A subclass that changes how its
-class computes never matches implicitly: timm's ``BatchNormAct2d`` is a
-``BatchNorm2d`` that also applies an activation, so it has rules of its own. A
-subclass that only changes construction (torchvision's ``Conv3DSimple`` is a
-``Conv3d`` with its own ``__init__``) computes exactly like its base, and matches
-the base's rules when it has none of its own. Users teach bnfold new pairs by passing
-``extra_rules=[FoldRule(...)]`` to a call; nothing global is mutated.
+Knowledge is split by what it describes:
+
+- a :class:`~bnfold.norms.NormRule` per norm type (its affine map, its check, its channel axis, the input
+  ranks it accepts, what replaces it, whether it folds forward);
+- a :class:`~bnfold.layers.LayerRule` per layer type (its weight layout, its padding rule for forward folds);
+- a :class:`FoldRule` per ``(layer type, norm type, direction)`` only where a pair differs from what the two
+  types say on their own, or for a type bnfold does not know otherwise. A pair rule speaks for its own
+  pair only.
+
+A fold of a norm into a layer uses the pair rule when there is one, else the norm's rule and the layer's
+rule together. Types match exactly, or through ancestors that compute the same (see
+:func:`~bnfold.classes.type_chain`). Users add rules per call with ``extra_rules=[...]``; nothing global
+is mutated.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TypeVar
 
-import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.utils import parametrize
 
-from . import compat
-from .arithmetic import Layout, affine_from_stats
-
-__all__ = [
-    "FoldRule",
-    "TRAINING_REASON",
-    "layer_type",
-    "type_chain",
-    "has_type",
-    "find_rule",
-    "tensor_attr",
-    "require_tensor",
-    "FoldedNormAct",
-    "RuleTable",
-    "RuleKey",
-    "layout_for",
-    "out_channels",
-    "in_channels",
-    "Direction",
-    "builtin_rules",
-    "build_rules",
-    "norm_affine",
-    "running_stats_reason",
-    "no_reason",
-    "identity_replacement",
-    "norm_act_replacement",
-    "is_norm_layer",
-    "unfoldable_reason",
-]
-
-
-def layer_type(module: nn.Module) -> type[nn.Module]:
-    """The module's class as its author declared it: for a module behind ``torch.nn.utils.parametrize``
-    (whose class becomes a generated ``Parametrized<Name>`` subclass), the class it had before."""
-    kind = type(module)
-    if parametrize.is_parametrized(module) and kind.__name__ == "Parametrized" + kind.__bases__[0].__name__:
-        return kind.__bases__[0]
-    return kind
-
-
-# Methods a subclass may override without changing what a forward pass computes.
-_CONSTRUCTION_ONLY = frozenset(
-    {
-        "__init__",
-        "__init_subclass__",
-        "__repr__",
-        "extra_repr",
-        "reset_parameters",
-        "__setstate__",
-        "__getstate__",
-        "_load_from_state_dict",
-        "__dict__",
-        "__weakref__",
-    }
+from .arithmetic import Layout
+from .classes import has_type, layer_type, type_chain
+from .layers import LayerRule, builtin_layer_rules, padding_reason, resolve_layout
+from .norms import (
+    NormRule,
+    batch_channel_axis,
+    builtin_norm_rules,
+    identity_replacement,
+    is_statistics_norm,
+    looks_like_norm,
+    norm_affine,
+    running_stats_reason,
 )
+from .plan import Direction
 
-
-def _changes_computation(cls: type, base: type) -> bool:
-    """Whether ``cls`` overrides a method or descriptor of ``base`` other than construction ones."""
-    for name, value in vars(cls).items():
-        if name in _CONSTRUCTION_ONLY or not hasattr(base, name):
-            continue  # a name the base does not have cannot change the base's own code
-        if callable(value) or hasattr(value, "__get__"):
-            return True
-    return False
-
-
-_CHAINS: weakref.WeakKeyDictionary[type, tuple[type[nn.Module], ...]] = weakref.WeakKeyDictionary()
-
-
-def _chain(kind: type[nn.Module]) -> tuple[type[nn.Module], ...]:
-    cached = _CHAINS.get(kind)
-    if cached is not None:
-        return cached
-    chain = [kind]
-    cls: type = kind
-    while len(cls.__bases__) == 1:
-        base = cls.__bases__[0]
-        if base is nn.Module or not issubclass(base, nn.Module) or _changes_computation(cls, base):
-            break
-        chain.append(base)
-        cls = base
-    _CHAINS[kind] = tuple(chain)
-    return _CHAINS[kind]
-
-
-def type_chain(module: nn.Module) -> tuple[type[nn.Module], ...]:
-    """The module's declared class, then each ancestor that computes exactly like it (single inheritance,
-    nothing overridden but construction): the classes whose rules apply, most specific first.
-
-    >>> class MyConv(nn.Conv2d):
-    ...     def __init__(self, c):
-    ...         super().__init__(c, c, 3, bias=False)
-    >>> [k.__name__ for k in type_chain(MyConv(4))]
-    ['MyConv', 'Conv2d']
-    """
-    return _chain(layer_type(module))
-
-
-def has_type(module: nn.Module, types: Iterable[type[nn.Module]]) -> bool:
-    """Whether a rule for one of ``types`` may apply to ``module`` (see :func:`type_chain`)."""
-    wanted = set(types)
-    return any(kind in wanted for kind in type_chain(module))
-
-
-def find_rule(rules: RuleTable, layer: nn.Module, norm: nn.Module, direction: str) -> FoldRule | None:
-    """The most specific rule for this pair: exact declared classes first, then their plain ancestors."""
-    for layer_kind in type_chain(layer):
-        for norm_kind in type_chain(norm):
-            rule = rules.get((layer_kind, norm_kind, direction))
-            if rule is not None:
-                return rule
-    return None
-
-
-def tensor_attr(module: nn.Module, name: str) -> Tensor | None:
-    """``module.<name>`` when it is a tensor (parameter, buffer or derived attribute), else ``None``."""
-    value = getattr(module, name, None)
-    return value if isinstance(value, Tensor) else None
-
-
-def require_tensor(module: nn.Module, name: str) -> Tensor:
-    """``module.<name>``, which must be a tensor."""
-    value = tensor_attr(module, name)
-    if value is None:
-        raise AttributeError(f"{type(module).__name__} has no tensor attribute {name!r}")
-    return value
-
-
-def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """The float64 ``(scale, shift)`` of a norm that stores ``running_mean``, ``running_var``,
-    ``weight``, ``bias`` (``None`` when not affine) and ``eps``, as BatchNorm and its relatives do."""
-    return affine_from_stats(
-        require_tensor(norm, "running_mean"),
-        require_tensor(norm, "running_var"),
-        tensor_attr(norm, "weight"),
-        tensor_attr(norm, "bias"),
-        float(vars(norm)["eps"]),
-    )
-
-
-def layer_scale_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """A layer scale multiplies each channel by ``gamma``: scale ``gamma``, no shift."""
-    gamma = require_tensor(norm, "gamma").detach().to(torch.float64).flatten()
-    return gamma, torch.zeros_like(gamma)
-
-
-TRAINING_REASON = "in training mode it normalizes with batch statistics (call model.eval() to fold it)"
-
-
-def running_stats_reason(norm: nn.Module) -> str | None:
-    """Why a BatchNorm-like layer does not use fixed statistics right now, or ``None`` if it does."""
-    if norm.training:
-        return TRAINING_REASON
-    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
-        return "track_running_stats=False: it always normalizes with batch statistics"
-    return None
-
-
-def no_reason(norm: nn.Module) -> str | None:
-    """For norms whose statistics are always fixed (frozen batch norms)."""
-    return None
-
-
-def identity_replacement(norm: nn.Module) -> nn.Module:
-    """A folded plain norm leaves nothing behind."""
-    return nn.Identity()
-
-
-class FoldedNormAct(nn.Module):
-    """What remains of a norm+activation layer once its affine part is folded: its dropout, then its
-    activation. The children keep their names (``drop``, ``act``), so their state_dict keys do not move.
-    """
-
-    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.drop = drop
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop(x))
-
-
-def norm_act_replacement(norm: nn.Module) -> nn.Module:
-    """timm's ``BatchNormAct2d`` family applies ``drop`` then ``act`` after normalizing: keep them."""
-    drop = getattr(norm, "drop", None)
-    act = getattr(norm, "act", None)
-    return FoldedNormAct(
-        drop if isinstance(drop, nn.Module) else nn.Identity(),
-        act if isinstance(act, nn.Module) else nn.Identity(),
-    )
-
-
-def batch_channel_axis(norm: nn.Module, input_ndim: int) -> int:
-    """BatchNorm normalizes axis 1 of its (N, C, ...) input."""
-    return 1
-
-
-def last_channel_axis(norm: nn.Module, input_ndim: int) -> int:
-    """Channels-last layers (timm's LayerScale) act on the last axis."""
-    return input_ndim - 1
-
-
-def instance_channel_axis(norm: nn.Module, input_ndim: int) -> int:
-    """InstanceNorm also accepts unbatched (C, ...) input, where the channels are axis 0."""
-    expected = getattr(norm, "_get_no_batch_dim", lambda: input_ndim - 1)() + 1
-    return 1 if input_ndim == expected else 0
-
-
-_LAYOUTS: tuple[tuple[type[nn.Module], Layout], ...] = (
-    (nn.ConvTranspose1d, "conv_transpose"),
-    (nn.ConvTranspose2d, "conv_transpose"),
-    (nn.ConvTranspose3d, "conv_transpose"),
-    (nn.Conv1d, "conv"),
-    (nn.Conv2d, "conv"),
-    (nn.Conv3d, "conv"),
-    (nn.Linear, "linear"),
-)
-
-
-def _layout_of(layer: type[nn.Module]) -> Layout | None:
-    for base, layout in _LAYOUTS:
-        if issubclass(layer, base):
-            return layout
-    return None
-
-
-Direction = Literal["backward", "forward"]
+__all__ = ["FoldRule", "RuleKey", "RuleTable", "build_rules", "AnyRule"]
 
 
 @dataclass(frozen=True)
 class FoldRule:
-    """How a norm of type ``norm`` folds into a layer of type ``layer``.
+    """How a norm of type ``norm`` folds into a layer of type ``layer``, for this pair only.
 
     ``direction="backward"``: the layer feeds the norm (``norm(layer(x))``), the usual case; the layer's
     output channels are scaled. ``direction="forward"``: the norm feeds the layer (``layer(norm(x))``); the
     layer's input channels are scaled and its bias absorbs the shift.
 
-    Types match exactly (a subclass needs its own rule). The layer must store ``weight`` (and ``bias``,
-    possibly ``None``) in the layout of a Conv, ConvTranspose or Linear layer; when it subclasses one of
-    those, ``layout`` is inferred.
+    The layer must store ``weight`` (and ``bias``, possibly ``None``) in the layout of a Conv,
+    ConvTranspose or Linear layer; when it subclasses one of those, ``layout`` is inferred. To teach bnfold
+    a norm type for every layer at once, pass a :class:`~bnfold.norms.NormRule` instead.
 
     Args:
         layer: the Conv/ConvTranspose/Linear-like layer type.
@@ -291,25 +79,15 @@ class FoldRule:
     layout: Layout | None = None
 
     def __post_init__(self) -> None:
-        for label, value in (("layer", self.layer), ("norm", self.norm)):
-            if not (isinstance(value, type) and issubclass(value, nn.Module)):
-                raise TypeError(f"FoldRule.{label} must be an nn.Module subclass, got {value!r}")
+        if not (isinstance(self.norm, type) and issubclass(self.norm, nn.Module)):
+            raise TypeError(f"FoldRule.norm must be an nn.Module subclass, got {self.norm!r}")
         if self.direction not in ("backward", "forward"):
             raise ValueError(f"FoldRule.direction must be 'backward' or 'forward', got {self.direction!r}")
-        if self.layout not in (None, "conv", "conv_transpose", "linear"):
-            raise ValueError(f"FoldRule.layout must be 'conv', 'conv_transpose' or 'linear', got {self.layout!r}")
-        if self.layout is None and _layout_of(self.layer) is None:
-            raise ValueError(
-                f"FoldRule cannot infer how {self.layer.__name__} stores its weight; "
-                "pass layout='conv', 'conv_transpose' or 'linear'"
-            )
+        resolve_layout("FoldRule", self.layer, self.layout)
 
     @property
     def weight_layout(self) -> Layout:
-        layout = self.layout or _layout_of(self.layer)
-        if layout is None:  # unreachable: __post_init__ rejects it
-            raise ValueError(f"no weight layout for {self.layer.__name__}")
-        return layout
+        return resolve_layout("FoldRule", self.layer, self.layout)
 
     @property
     def key(self) -> RuleKey:
@@ -317,133 +95,151 @@ class FoldRule:
 
 
 RuleKey = tuple[type[nn.Module], type[nn.Module], str]
-RuleTable = Mapping[RuleKey, FoldRule]
+AnyRule = FoldRule | NormRule | LayerRule
+T = TypeVar("T")
 
 
-def layout_for(layer: nn.Module, rules: RuleTable) -> Layout:
-    """How ``layer`` stores its weight, as the rules for its type say."""
-    for kind in type_chain(layer):
-        for (rule_layer, _, _), rule in rules.items():
-            if rule_layer is kind:
-                return rule.weight_layout
-    raise KeyError(f"no fold rule mentions {layer_type(layer).__name__}")
+def _first(table: Mapping[type[nn.Module], T], module: nn.Module) -> T | None:
+    for kind in type_chain(module):
+        if kind in table:
+            return table[kind]
+    return None
 
 
-def out_channels(layer: nn.Module, layout: Layout) -> int:
-    """The number of output channels of a Conv/ConvTranspose/Linear-like layer."""
-    weight = require_tensor(layer, "weight")
-    if layout == "conv_transpose":
-        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
-    return int(weight.shape[0])
+@dataclass(frozen=True)
+class RuleTable:
+    """The norm rules, the layer rules and the pair rules of one call."""
 
+    norms: dict[type[nn.Module], NormRule]
+    layers: dict[type[nn.Module], LayerRule]
+    pairs: dict[RuleKey, FoldRule]
 
-def in_channels(layer: nn.Module, layout: Layout) -> int:
-    """The number of input channels (features, for a Linear) of a Conv/ConvTranspose/Linear-like layer."""
-    weight = require_tensor(layer, "weight")
-    if layout == "conv":
-        return int(weight.shape[1]) * int(getattr(layer, "groups", 1))
-    if layout == "conv_transpose":
-        return int(weight.shape[0])
-    return int(weight.shape[1])
+    # -- lookups --------------------------------------------------------------------------------------------
+    def norm_rule(self, norm: nn.Module) -> NormRule | None:
+        """The rule for ``norm``'s type (or a plain ancestor's)."""
+        return _first(self.norms, norm)
 
+    def layer_rule(self, layer: nn.Module) -> LayerRule | None:
+        """The rule for ``layer``'s type (or a plain ancestor's)."""
+        return _first(self.layers, layer)
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_BATCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+    def pair_rule(self, layer: nn.Module, norm: nn.Module, direction: str) -> FoldRule | None:
+        """The most specific pair rule: exact declared classes first, then their plain ancestors."""
+        for layer_kind in type_chain(layer):
+            for norm_kind in type_chain(norm):
+                rule = self.pairs.get((layer_kind, norm_kind, direction))
+                if rule is not None:
+                    return rule
+        return None
 
-
-def builtin_rules() -> dict[RuleKey, FoldRule]:
-    """The rules bnfold knows: a BatchNorm relative whose statistics are fixed in inference mode, after
-    (backward) or before (forward) a Conv/ConvTranspose (1d/2d/3d) or Linear layer."""
-    rules: list[FoldRule] = []
-    frozen = compat.frozen_batchnorm_types()
-    for dims in (1, 2, 3):
-        for layer in (_CONV[dims], _CONV_T[dims]):
-            directions: tuple[Direction, ...] = ("backward", "forward")
-            for d in directions:
-                rules.append(FoldRule(layer, _BATCH[dims], d))
-                rules.append(FoldRule(layer, _INSTANCE[dims], d, channel_axis=instance_channel_axis))
-                rules.append(FoldRule(layer, nn.SyncBatchNorm, d))
-                if dims == 2:
-                    rules.extend(FoldRule(layer, f, d, check=no_reason) for f in frozen)
-            if dims == 2:
-                # Norms that also apply an activation fold backward only: the activation sits between
-                # the norm and any layer after it.
-                for norm_act in compat.norm_act_types() + compat.sync_norm_act_types():
-                    rules.append(FoldRule(layer, norm_act, replacement=norm_act_replacement))
-                for frozen_act in compat.frozen_norm_act_types():
-                    rules.append(FoldRule(layer, frozen_act, check=no_reason, replacement=norm_act_replacement))
-    # timm's Conv2dSame computes its padding at run time (zeros), so it only takes norms after it.
-    for conv in compat.same_padding_conv_types():
-        for norm in (nn.BatchNorm2d, nn.SyncBatchNorm, *compat.norm_act_types(), *compat.sync_norm_act_types()):
-            replacement = (
-                norm_act_replacement
-                if norm in compat.norm_act_types() + compat.sync_norm_act_types()
-                else identity_replacement
-            )
-            rules.append(FoldRule(conv, norm, replacement=replacement))
-    # Layer scales (x * gamma, per channel) fold like a norm with scale gamma and no shift.
-    for scale in compat.layer_scale_types():
-        rules.append(
-            FoldRule(nn.Linear, scale, affine=layer_scale_affine, check=no_reason, channel_axis=last_channel_axis)
+    def rule_for(self, layer: nn.Module, norm: nn.Module, direction: Direction) -> FoldRule | None:
+        """How ``norm`` folds into ``layer`` in ``direction``: the pair's own rule, else what the norm's
+        rule and the layer's rule say together; ``None`` when neither applies."""
+        pair = self.pair_rule(layer, norm, direction)
+        if pair is not None:
+            return pair
+        norm_rule, layer_rule = self.norm_rule(norm), self.layer_rule(layer)
+        if norm_rule is None or layer_rule is None:
+            return None
+        if direction == "forward" and norm_rule.forward(norm) is not None:
+            return None
+        return FoldRule(
+            layer_type(layer),
+            layer_type(norm),
+            direction,
+            affine=norm_rule.affine,
+            check=norm_rule.check,
+            replacement=norm_rule.replacement,
+            channel_axis=norm_rule.channel_axis,
+            layout=layer_rule.weight_layout,
         )
-    for scale in compat.layer_scale_2d_types():
-        for layer in (nn.Conv2d, nn.ConvTranspose2d):
-            rules.append(FoldRule(layer, scale, affine=layer_scale_affine, check=no_reason))
-    # A norm of another rank reads the layer's output through a reshape or permute (a Conv2d flattened to
-    # (N, C, H*W) before a BatchNorm1d; a Linear on (N, H, W, C) permuted before a BatchNorm2d); the planner
-    # follows the channel axis through them and keeps the norm unless it lands on the layer's channels.
-    for dims in (1, 2, 3):
-        for layer in (_CONV[dims], _CONV_T[dims]):
-            rules.extend(FoldRule(layer, _BATCH[other]) for other in (1, 2, 3) if other != dims)
-    rules.extend(FoldRule(nn.Linear, norm) for norm in (*_BATCH.values(), nn.SyncBatchNorm))
-    # Forward into a Linear: directly (BatchNorm1d on (N, C)), or through a Flatten of a (N, C, ...) map.
-    for norm in (*_BATCH.values(), nn.SyncBatchNorm, *frozen):
-        rules.append(FoldRule(nn.Linear, norm, "forward", check=no_reason if norm in frozen else running_stats_reason))
-    # Linear subclasses that compute exactly F.linear take every nn.Linear rule.
-    for linear in compat.plain_linear_types():
-        rules.extend(dataclasses.replace(rule, layer=linear) for rule in list(rules) if rule.layer is nn.Linear)
-    return {rule.key: rule for rule in rules}
+
+    def forward_reason(self, layer: nn.Module, layout: Layout) -> str | None:
+        """Why a norm before ``layer`` cannot fold into it (its padding)."""
+        layer_rule = self.layer_rule(layer)
+        return (layer_rule.forward if layer_rule is not None else padding_reason)(layer, layout)
+
+    def directions(self, norm: nn.Module) -> dict[Direction, str | None]:
+        """For each direction, why ``norm`` as such cannot fold that way (``None``: some layer may take it)."""
+        norm_rule = self.norm_rule(norm)
+        found: dict[Direction, str | None] = {}
+        for direction in ("backward", "forward"):
+            paired = any(d == direction and has_type(norm, (n,)) for _, n, d in self.pairs)
+            if norm_rule is None:
+                found[direction] = None if paired else f"there is no {direction} fold rule for it"
+            elif direction == "forward" and not paired:
+                found[direction] = norm_rule.forward(norm)
+            else:
+                found[direction] = None
+        return found
+
+    def own_check(self, norm: nn.Module) -> str | None:
+        """Why ``norm`` is not a fixed map right now, by its own rule (pair rules check their own pair)."""
+        norm_rule = self.norm_rule(norm)
+        return None if norm_rule is None else norm_rule.check(norm)
+
+    def input_ranks(self, norm: nn.Module) -> tuple[int, ...] | None:
+        """The input ranks ``norm`` accepts: from its rule, else from its nearest ancestor's (a subclass of
+        BatchNorm2d still checks for 4-d input); ``None``: any, or unknown."""
+        for kind in type(norm).__mro__:
+            rule = self.norms.get(kind)
+            if rule is not None:
+                return rule.input_ranks
+        return None
+
+    def layout_for(self, layer: nn.Module) -> Layout:
+        """How ``layer`` stores its weight, as its rule (or a pair rule for its type) says."""
+        layer_rule = self.layer_rule(layer)
+        if layer_rule is not None:
+            return layer_rule.weight_layout
+        for kind in type_chain(layer):
+            for (rule_layer, _, _), rule in self.pairs.items():
+                if rule_layer is kind:
+                    return rule.weight_layout
+        raise KeyError(f"no fold rule mentions {layer_type(layer).__name__}")
+
+    # -- what the tracer and the plan list -----------------------------------------------------------------
+    def layer_types(self) -> set[type[nn.Module]]:
+        return set(self.layers) | {layer for layer, _, _ in self.pairs}
+
+    def norm_types(self) -> set[type[nn.Module]]:
+        return set(self.norms) | {norm for _, norm, _ in self.pairs}
+
+    def is_norm_layer(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a normalization layer that the plan should list."""
+        return has_type(module, self.norm_types()) or looks_like_norm(module)
+
+    def unfoldable_reason(self, module: nn.Module) -> str | None:
+        """Why a norm layer can never fold whatever it is next to, or ``None`` if some rule may apply."""
+        kind = layer_type(module)
+        if is_statistics_norm(module):
+            return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
+        if has_type(module, self.norm_types()):
+            return None
+        return (
+            f"no fold rule for {kind.__name__} (a subclass that overrides how a norm computes is never matched "
+            "implicitly); teach bnfold with extra_rules=[bnfold.NormRule(norm_type, ...)] or "
+            "[bnfold.FoldRule(layer_type, norm_type)]"
+        )
 
 
-def build_rules(extra_rules: Iterable[FoldRule] | None = None) -> dict[RuleKey, FoldRule]:
-    """The built-in table plus ``extra_rules`` (which win over built-in rules for the same pair)."""
-    table = builtin_rules()
+def build_rules(extra_rules: Iterable[AnyRule] | AnyRule | None = None) -> RuleTable:
+    """The built-in rules plus ``extra_rules`` (which win over built-in rules for the same type or pair)."""
+    norms, layers, pairs = builtin_norm_rules(), builtin_layer_rules(), {}
     if extra_rules is None:
-        return table
-    if isinstance(extra_rules, FoldRule):
+        extra_rules = []
+    if isinstance(extra_rules, (FoldRule, NormRule, LayerRule)):
         extra_rules = [extra_rules]
     for rule in extra_rules:
-        if not isinstance(rule, FoldRule):
-            raise TypeError(f"extra_rules must hold bnfold.FoldRule objects, got {type(rule).__name__}")
-        table[rule.key] = rule
-    return table
-
-
-_STATISTICS_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-
-
-def is_norm_layer(module: nn.Module, rules: RuleTable) -> bool:
-    """Whether ``module`` is a normalization layer that the plan should list."""
-    if has_type(module, (norm for _, norm, _ in rules)):
-        return True
-    return isinstance(module, (_NormBase, *_STATISTICS_NORMS, *compat.frozen_batchnorm_types()))
-
-
-def unfoldable_reason(module: nn.Module, rules: RuleTable) -> str | None:
-    """Why a norm layer can never fold whatever feeds it, or ``None`` if some rule may apply."""
-    kind = layer_type(module)
-    if isinstance(module, _STATISTICS_NORMS) or (
-        isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
-    ):
-        return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
-    if has_type(module, (norm for _, norm, _ in rules)):
-        return None
-    return (
-        f"no fold rule for {kind.__name__} (a subclass that overrides how a norm computes is never matched "
-        "implicitly); "
-        "teach bnfold with extra_rules=[bnfold.FoldRule(layer_type, norm_type)]"
-    )
+        if isinstance(rule, FoldRule):
+            pairs[rule.key] = rule
+        elif isinstance(rule, NormRule):
+            norms[rule.norm] = rule
+        elif isinstance(rule, LayerRule):
+            layers[rule.layer] = rule
+        else:
+            raise TypeError(
+                "extra_rules must hold bnfold.FoldRule, bnfold.NormRule or bnfold.LayerRule objects, "
+                f"got {type(rule).__name__}"
+            )
+    return RuleTable(norms, layers, pairs)

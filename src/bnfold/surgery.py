@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -18,12 +19,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_channels, scale_output_channels
-from .channelwise import affine_of_op, constant_named, neutral_value
+from .constants import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
-from .planning import CHANNELWISE_PREFIX, FoldPlan, FoldSite
-from .rules import FoldRule, RuleTable, find_rule, layout_for, out_channels, require_tensor, tensor_attr
+from .layers import out_channels
+from .norms import require_tensor, tensor_attr
+from .plan import FoldKind, FoldPlan, FoldSite
+from .rules import FoldRule, RuleTable
+from .weights import effective_weight, weight_hook
 
-__all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine"]
+__all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine", "Surgery", "STEPS"]
 
 
 class Undo:
@@ -89,26 +93,6 @@ class ChannelAffine(nn.Module):
         return fold_bias(bias, require_tensor(self, "scale"), require_tensor(self, "shift"), bias)
 
 
-def _weight_hook(module: nn.Module, kind: str) -> Any:
-    for hook in module._forward_pre_hooks.values():
-        if kind == "prune" and isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
-            return hook
-        if kind == "weight_norm" and type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == "weight":
-            return hook
-    return None
-
-
-def effective_weight(layer: nn.Module) -> Tensor:
-    """The weight the layer computes with right now (through pruning masks and weight-norm hooks)."""
-    pruning = _weight_hook(layer, "prune")
-    if pruning is not None:
-        return cast(Tensor, pruning.apply_mask(layer))
-    weight_norm = _weight_hook(layer, "weight_norm")
-    if weight_norm is not None:
-        return cast(Tensor, weight_norm.compute_weight(layer))
-    return require_tensor(layer, "weight")
-
-
 def _copy_into(t: Tensor, value: Tensor, undo: Undo) -> None:
     old = t.detach().clone() if undo.enabled else t
     with torch.no_grad():
@@ -144,14 +128,14 @@ def _write_weight(layer: nn.Module, scale: Tensor, layout: Layout, axis: str, un
     if parametrize.is_parametrized(layer, "weight"):
         _append_parametrization(layer, "weight", ChannelScale(scale, layout, groups, axis), undo)
         return
-    pruning = _weight_hook(layer, "prune")
+    pruning = cast(prune.BasePruningMethod | None, weight_hook(layer, "prune"))
     if pruning is not None:
         # A per-channel scale keeps zeros zero: fold into weight_orig and keep the mask.
         orig = require_tensor(layer, "weight_orig")
         _copy_into(orig, scaled(orig, scale, layout, groups), undo)
         _set_attribute(layer, "weight", pruning.apply_mask(layer), undo)
         return
-    weight_norm = _weight_hook(layer, "weight_norm")
+    weight_norm = cast(Any, weight_hook(layer, "weight_norm"))
     if weight_norm is not None:
         # weight = g * v / |v|: with v = target and g = |target|, weight = target, whatever the norm's dim
         target = scaled(weight_norm.compute_weight(layer), scale, layout, groups)
@@ -178,19 +162,6 @@ def _write_bias(layer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> N
         _copy_into(bias, fold_bias(bias, scale, shift, bias), undo)
 
 
-def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor, rule: FoldRule, undo: Undo) -> None:
-    """Fold the per-channel map ``(scale, shift)`` into ``layer`` in the rule's direction."""
-    layout = rule.weight_layout
-    if rule.direction == "backward":
-        _write_weight(layer, scale, layout, "output", undo)
-        _write_bias(layer, scale, shift, undo)
-    else:
-        groups = int(getattr(layer, "groups", 1))
-        response = input_shift_response(effective_weight(layer), shift, layout, groups)
-        _write_weight(layer, scale, layout, "input", undo)
-        _write_bias(layer, torch.ones_like(response), response, undo)
-
-
 def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """Every (parent, attribute) under which each module is registered (a module may have aliases)."""
     found: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -215,58 +186,102 @@ def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, ne
         undo.append(_setter(parent, attr, old))
 
 
-def _apply_channelwise(
-    modules: dict[str, nn.Module], model: nn.Module, site: FoldSite, rules: RuleTable, undo: Undo
-) -> None:
-    kind = site.norm_type[len(CHANNELWISE_PREFIX) :]
-    constant = constant_named(model, site.norm)
-    layer = modules[site.partners[0]]
-    layout = layout_for(layer, rules)
-    scale, shift = affine_of_op(kind, constant, out_channels(layer, layout))
-    _write_weight(layer, scale, layout, "output", undo)
-    _write_bias(layer, scale, shift, undo)
-    _copy_into(constant, neutral_value(kind, constant), undo)
+@dataclass
+class Surgery:
+    """What a surgery step works with: the model, its modules by name, where each module is registered,
+    the rules the plan was made with, and the undo log."""
 
+    model: nn.Module
+    rules: RuleTable
+    undo: Undo
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    parents: dict[int, list[tuple[nn.Module, str]]] = field(default_factory=dict)
 
-def _apply_site(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    parents: dict[int, list[tuple[nn.Module, str]]],
-    site: FoldSite,
-    rules: RuleTable,
-    undo: Undo,
-) -> None:
-    if site.norm_type.startswith(CHANNELWISE_PREFIX):
-        _apply_channelwise(modules, model, site, rules, undo)
-        return
-    norm = modules[site.norm]
-    rule = None
-    offset = 0
-    for partner in site.partners:
-        layer = modules[partner]
-        rule = find_rule(rules, layer, norm, site.direction)
+    def __post_init__(self) -> None:
+        self.modules = dict(self.model.named_modules())
+        self.parents = _parents(self.model)
+
+    def rule(self, site: FoldSite, partner: str) -> FoldRule:
+        rule = self.rules.rule_for(self.modules[partner], self.modules[site.norm], site.direction)
         if rule is None:  # the plan was made with these rules
             raise KeyError(f"no {site.direction} rule for '{partner}' and '{site.norm}'")
-        scale, shift = rule.affine(norm)
-        if site.direction == "backward" and len(site.partners) > 1:
-            # the norm reads a channel-wise concatenation of the partners' outputs, in this order
-            width = out_channels(layer, rule.weight_layout)
-            scale, shift = scale[offset : offset + width], shift[offset : offset + width]
-            offset += width
-        _fold_into(layer, scale, shift, rule, undo)
+        return rule
+
+    def replace_norm(self, site: FoldSite, rule: FoldRule) -> None:
+        norm = self.modules[site.norm]
+        _replace(self.parents, norm, rule.replacement(norm), self.undo)
+
+
+def _apply_backward(surgery: Surgery, site: FoldSite) -> None:
+    """Scale the layer's output channels and map its bias; the norm gives way to its replacement."""
+    (partner,) = site.partners
+    rule = surgery.rule(site, partner)
+    scale, shift = rule.affine(surgery.modules[site.norm])
+    _fold_output(surgery.modules[partner], scale, shift, rule.weight_layout, surgery.undo)
+    surgery.replace_norm(site, rule)
+
+
+def _apply_concat(surgery: Surgery, site: FoldSite) -> None:
+    """Each layer of the torch.cat takes its slice of the norm's channels."""
+    rule = None
+    for partner, (start, stop) in zip(site.partners, site.slices, strict=True):
+        rule = surgery.rule(site, partner)
+        scale, shift = rule.affine(surgery.modules[site.norm])
+        _fold_output(surgery.modules[partner], scale[start:stop], shift[start:stop], rule.weight_layout, surgery.undo)
     if rule is not None:
-        _replace(parents, norm, rule.replacement(norm), undo)
+        surgery.replace_norm(site, rule)
+
+
+def _apply_forward(surgery: Surgery, site: FoldSite) -> None:
+    """Scale every partner's input channels and add its response to the norm's shift to its bias."""
+    rule = None
+    for partner in site.partners:
+        rule = surgery.rule(site, partner)
+        scale, shift = rule.affine(surgery.modules[site.norm])
+        layer = surgery.modules[partner]
+        groups = int(getattr(layer, "groups", 1))
+        response = input_shift_response(effective_weight(layer), shift, rule.weight_layout, groups)
+        _write_weight(layer, scale, rule.weight_layout, "input", surgery.undo)
+        _write_bias(layer, torch.ones_like(response), response, surgery.undo)
+    if rule is not None:
+        surgery.replace_norm(site, rule)
+
+
+def _apply_constant(surgery: Surgery, site: FoldSite) -> None:
+    """Fold the op's per-channel map into the layer, then make the constant the op's neutral value."""
+    if site.op is None:
+        raise ValueError(f"the plan gives no op for the constant '{site.norm}'")
+    constant = constant_named(surgery.model, site.norm)
+    layer = surgery.modules[site.partners[0]]
+    layout = surgery.rules.layout_for(layer)
+    scale, shift = affine_of_op(site.op, constant, out_channels(layer, layout))
+    _fold_output(layer, scale, shift, layout, surgery.undo)
+    _copy_into(constant, neutral_value(site.op, constant), surgery.undo)
+
+
+def _fold_output(layer: nn.Module, scale: Tensor, shift: Tensor, layout: Layout, undo: Undo) -> None:
+    """Map the layer's output channels ``y`` to ``scale * y + shift``."""
+    _write_weight(layer, scale, layout, "output", undo)
+    _write_bias(layer, scale, shift, undo)
+
+
+# One surgery step per kind of fold: a new kind adds its entry here.
+STEPS: dict[FoldKind, Callable[[Surgery, FoldSite], None]] = {
+    "backward": _apply_backward,
+    "concat": _apply_concat,
+    "forward": _apply_forward,
+    "constant": _apply_constant,
+}
 
 
 def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable, *, undoable: bool = True) -> Undo:
     """Fold every site of ``plan`` into ``model`` in place; return the log that undoes it (see undo_all).
     With ``undoable=False`` nothing is recorded: for a copy that is discarded if anything fails."""
     undo = Undo(undoable)
-    modules = dict(model.named_modules())
-    parents = _parents(model)
+    surgery = Surgery(model, rules, undo)
     for site in plan.sites:
         try:
-            _apply_site(model, modules, parents, site, rules, undo)
+            STEPS[site.kind](surgery, site)
         except Exception as error:
             undo_all(undo)
             raise FoldError(

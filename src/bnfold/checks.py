@@ -1,0 +1,118 @@
+"""What every planning pass shares: the context it reads, the signal to keep a norm, and the checks on
+a layer that apply whatever the kind of fold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .classes import layer_type
+from .graph import DataFlowGraph
+from .layers import channel_axis, output_ranks
+from .norms import tensor_attr
+from .plan import Direction
+from .rules import FoldRule, RuleTable
+from .weights import unknown_pre_hook_reason
+
+__all__ = ["Kept", "PlanContext", "layer_reason", "rule_for", "symbolic_rank_check"]
+
+
+class Kept(Exception):  # noqa: N818 - control flow inside the planner, never raised to users
+    """A reason to keep a norm (or constant), with the partner layer it concerns."""
+
+    def __init__(self, reason: str, partner: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.partner = partner
+
+
+@dataclass
+class PlanContext:
+    """The model, its data-flow graph and the rules, with lookups every pass needs."""
+
+    model: nn.Module
+    graph: DataFlowGraph
+    rules: RuleTable
+    names: dict[int, str] = field(default_factory=dict)
+    owners: dict[int, list[str]] = field(default_factory=dict)  # tensor id -> modules that hold it
+    # norms folded backward that leave nothing behind: a later fold may read through them into the same layer
+    transparent: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(module), name)
+        for name, module in self.model.named_modules():
+            for t in module.parameters(recurse=False):
+                self.owners.setdefault(id(t), []).append(name)
+
+    def name(self, module: nn.Module) -> str:
+        return self.names.get(id(module), "?")
+
+
+def layer_reason(layer: nn.Module, ctx: PlanContext) -> str | None:
+    """Why nothing may fold into ``layer`` at all, whatever the kind of fold."""
+    name = ctx.name(layer)
+    calls = len(ctx.graph.calls_of(layer))
+    if calls > 1:
+        return f"'{name}' is called {calls} times in one forward pass (shared weights)"
+    if id(layer) in ctx.graph.foreign_uses:
+        return f"the parameters of '{name}' are also used outside it (by {ctx.graph.foreign_uses[id(layer)]})"
+    for t in layer.parameters():
+        others = [o for o in ctx.owners.get(id(t), []) if o != name and not o.startswith(name + ".")]
+        if others:
+            return f"'{name}': its parameters are shared with '{others[0]}'"
+    if len(layer._forward_hooks) > 0:
+        return f"'{name}' has forward hooks that would see the folded output"
+    hook_reason = unknown_pre_hook_reason(layer)
+    if hook_reason:
+        return f"'{name}': {hook_reason}"
+    weight = tensor_attr(layer, "weight")
+    if weight is None or not weight.is_floating_point():
+        return f"'{name}' has no floating-point weight to fold into"
+    return None
+
+
+def rule_for(layer: nn.Module, norm: nn.Module, direction: Direction, ctx: PlanContext) -> FoldRule:
+    """The rule that folds ``norm`` into ``layer``, once the pair and the layer pass their checks."""
+    rule = ctx.rules.rule_for(layer, norm, direction)
+    if rule is None:
+        ltype, ntype = layer_type(layer).__name__, layer_type(norm).__name__
+        where = "is fed by" if direction == "backward" else "feeds"
+        arrow = "->" if direction == "backward" else "<-"
+        raise Kept(
+            f"it {where} '{ctx.name(layer)}' ({ltype}), and there is no {direction} fold rule for {ltype} {arrow} {ntype}",
+            ctx.name(layer),
+        )
+    reason = rule.check(norm)
+    if reason:
+        raise Kept(reason, ctx.name(layer))
+    reason = layer_reason(layer, ctx)
+    if reason:
+        raise Kept(reason, ctx.name(layer))
+    return rule
+
+
+def symbolic_rank_check(norm: nn.Module, layer: nn.Module, rule: FoldRule, ctx: PlanContext, flattened: bool) -> None:
+    """Without example inputs there are no shapes: fold only where the ranks the norm and the layer accept
+    fix the channel axis to the same place."""
+    name = ctx.name(layer)
+    layout = rule.weight_layout
+    if flattened and layout == "linear":
+        return  # Flatten(1, -1) of a (N, C, ...) norm output: C is the outer index of the features
+    norm_ranks = ctx.rules.input_ranks(norm)
+    layer_ranks = output_ranks(layer, layout)
+    if norm_ranks is None:
+        ranks: set[int] = set(layer_ranks or ())
+    else:
+        ranks = set(norm_ranks) & set(layer_ranks) if layer_ranks is not None else set(norm_ranks)
+    if (
+        norm_ranks is None
+        or not ranks
+        or any(rule.channel_axis(norm, r) != channel_axis(layer, layout, r) for r in ranks)
+    ):
+        raise Kept(
+            f"without example_inputs bnfold cannot tell whether it normalizes the channels of '{name}'; "
+            "pass example_inputs",
+            name,
+        )

@@ -1,0 +1,92 @@
+"""The per-norm pass: each norm layer folds backward (into the layer before it), else forward (into the
+layers after it), else stays with the reason each direction failed."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .backward import fold_backward
+from .checks import Kept, PlanContext
+from .classes import layer_type
+from .forward import fold_forward
+from .norms import identity_replacement, norm_act_replacement
+from .plan import FoldSite, KeptNorm, PlanRow
+from .rules import FoldRule
+
+__all__ = ["norm_rows"]
+
+
+def norm_rows(ctx: PlanContext) -> list[PlanRow]:
+    """One row per norm layer of the model, in the order the norms run (the order their folds apply)."""
+    graph, rules, model = ctx.graph, ctx.rules, ctx.model
+    rows: dict[str, PlanRow] = {}
+    claimed: dict[tuple[str, str], str] = {}  # (layer, direction) -> last norm folding into it
+    norms = [(name, norm) for name, norm in model.named_modules() if rules.is_norm_layer(norm)]
+
+    def first_call(item: tuple[str, nn.Module]) -> int:
+        calls = [i for i in graph.calls_of(item[1]) if i >= 0]
+        return calls[0] if calls else len(graph.calls)
+
+    # in the order they run, so that a norm reading through one folded before it (conv -> bn -> scale)
+    # finds it decided, and the folds apply in the order the norms did
+    ordered = sorted(norms, key=first_call)
+    for name, norm in ordered:
+        try:
+            site = _decide(norm, ctx)
+            for partner in site.partners:
+                taken = claimed.get((partner, site.direction))
+                if taken is not None and taken not in site.via:
+                    raise Kept(f"'{partner}' already takes '{taken}'", partner)
+            for partner in site.partners:
+                claimed[(partner, site.direction)] = name
+            rows[name] = site
+            if site.kind == "backward":
+                rule = rules.rule_for(model.get_submodule(site.partners[0]), norm, "backward")
+                if rule is not None and _leaves_nothing(rule, norm):
+                    ctx.transparent.add(name)  # a later norm may read through it into the same layer
+        except Kept as keep:
+            rows[name] = KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner)
+    return [rows[name] for name, _ in ordered]
+
+
+def _leaves_nothing(rule: FoldRule, norm: nn.Module) -> bool:
+    """Whether what takes a folded norm's place computes nothing (not an activation it kept). Custom
+    replacements are not looked into."""
+    if rule.replacement is identity_replacement:
+        return True
+    if rule.replacement is norm_act_replacement:
+        return all(isinstance(getattr(norm, n, None), (nn.Identity, type(None))) for n in ("drop", "act"))
+    return False
+
+
+def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:
+    reason = ctx.rules.unfoldable_reason(norm)
+    if reason:
+        raise Kept(reason)
+    calls = ctx.graph.calls_of(norm)
+    if not calls:
+        where = "on the example inputs" if ctx.graph.has_shapes else "in the traced forward pass"
+        raise Kept(f"it does not run {where} (an auxiliary head used only in training?): nothing shows what feeds it")
+    if len(calls) > 1:
+        raise Kept(f"it is called {len(calls)} times in one forward pass (shared)")
+    if len(norm._forward_hooks) > 0 or len(norm._forward_pre_hooks) > 0:
+        raise Kept("it has forward hooks, which would be lost")
+    if id(norm) in ctx.graph.foreign_uses:
+        raise Kept(f"its parameters are also used outside it (by {ctx.graph.foreign_uses[id(norm)]})")
+    if calls[0] < 0:
+        raise Kept("it runs inside another layer bnfold treats as a whole")
+    own_reason = ctx.rules.own_check(norm)
+    if own_reason:
+        raise Kept(own_reason)
+    call = ctx.graph.calls[calls[0]]
+    directions = ctx.rules.directions(norm)
+    try:
+        return fold_backward(norm, call, ctx)
+    except Kept as backward:
+        not_forward = directions["forward"]
+        if not_forward is not None:
+            raise Kept(f"{backward.reason}; forward: {not_forward}", backward.partner) from None
+        try:
+            return fold_forward(norm, call, ctx)
+        except Kept as forward:
+            raise Kept(f"{backward.reason}; forward: {forward.reason}", backward.partner or forward.partner) from None

@@ -1,0 +1,109 @@
+"""The plan: what folds into what, and what stays and why. Data only.
+
+Every later stage (surgery, the per-layer check, the report) reads these types;
+this module imports none of them. Each fold says its kind explicitly and
+carries what surgery needs, so nothing is ever parsed back from a label:
+
+==========  ===================================================================
+kind        meaning
+==========  ===================================================================
+backward    a norm after one layer, ``norm(layer(x))``: the layer's output channels
+concat      a norm after a channel-wise ``torch.cat`` of layers: each layer takes
+            the slice ``slices[i]`` of the norm's channels
+forward     a norm before layers, ``layer(norm(x))``: their input channels
+constant    a per-channel parameter applied by an op, ``layer(x) <op> constant``:
+            folded into the layer, the constant set to the op's neutral value
+==========  ===================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["FoldKind", "Direction", "ConstantOp", "FoldSite", "KeptNorm", "FoldPlan", "PlanRow"]
+
+FoldKind = Literal["backward", "concat", "forward", "constant"]
+Direction = Literal["backward", "forward"]
+ConstantOp = Literal["mul", "div", "add", "sub"]
+
+
+@dataclass(frozen=True)
+class FoldSite:
+    """A norm layer (or a channel-wise constant) that folds into its partner layer(s).
+
+    ``norm``: the qualified name of the norm module (for ``kind="constant"``, of the parameter or buffer).
+    ``partners``: the layers it folds into; ``slices``: for ``kind="concat"``, the ``(start, stop)`` range
+    of the norm's channels each partner takes; ``op``: for ``kind="constant"``, the op that applies it;
+    ``via``: for a backward fold, norms already folded into the same layer that this one reads through
+    (``conv -> bn -> layer scale``), in the order they apply.
+    """
+
+    norm: str
+    norm_type: str
+    partners: tuple[str, ...]
+    partner_types: tuple[str, ...]
+    kind: FoldKind = "backward"
+    via: tuple[str, ...] = ()
+    slices: tuple[tuple[int, int], ...] = ()
+    op: ConstantOp | None = None
+
+    @property
+    def direction(self) -> Direction:
+        """Which side of the norm its partners are on: ``forward`` (after it) or ``backward`` (before it)."""
+        return "forward" if self.kind == "forward" else "backward"
+
+    @property
+    def decision(self) -> str:
+        return "folded"
+
+    @property
+    def partner(self) -> str:
+        return ", ".join(self.partners)
+
+
+@dataclass(frozen=True)
+class KeptNorm:
+    """A norm layer (or channel-wise constant) that stays in the model, and why."""
+
+    norm: str
+    norm_type: str
+    reason: str
+    partner: str | None = None
+
+    @property
+    def decision(self) -> str:
+        return "kept"
+
+
+PlanRow = FoldSite | KeptNorm
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Every norm layer of a model with its decision: folded into which layer, or kept and why.
+
+    >>> import torch, bnfold
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    >>> p = bnfold.plan(m, torch.randn(1, 3, 8, 8))
+    >>> [(s.norm, s.partners, s.kind) for s in p.sites]
+    [('1', ('0',), 'backward')]
+    """
+
+    model_type: str
+    traced_with: str
+    sites: tuple[FoldSite, ...]
+    kept: tuple[KeptNorm, ...]
+    order: tuple[str, ...]  # row names in model order
+
+    @property
+    def rows(self) -> list[PlanRow]:
+        """One entry per norm layer, in the model's module order."""
+        by_name: dict[str, PlanRow] = {s.norm: s for s in self.sites}
+        by_name.update({k.norm: k for k in self.kept})
+        return [by_name[name] for name in self.order]
+
+    def __str__(self) -> str:
+        from .report import render_plan  # rendering is the report's job (it imports this module for types only)
+
+        return render_plan(self)

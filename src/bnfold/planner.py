@@ -1,0 +1,59 @@
+"""Make the plan: a short sequence of passes over the data-flow graph.
+
+Each pass reads the model, its graph and the rules (a :class:`~bnfold.checks.PlanContext`) and returns
+plan rows of its own kinds; surgery (``bnfold.surgery.STEPS``) and the per-layer check
+(``bnfold.layercheck.PROBE_ROLES``) each hold one entry per kind. A new kind of fold is one pass here, one
+surgery step and one probe entry. Building the plan changes nothing.
+
+=========== ========================================================== =====================
+pass        what it folds                                               kinds
+=========== ========================================================== =====================
+norm_rows   each norm layer, backward (into the layer before it), else  backward, concat,
+            forward (into every layer after it)                         forward
+constants   ``layer(x) * gamma + beta`` with per-channel model constants constant
+=========== ========================================================== =====================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from .checks import PlanContext
+from .constants import constant_rows
+from .graph import DataFlowGraph
+from .norm_folds import norm_rows
+from .plan import FoldPlan, FoldSite, KeptNorm, PlanRow
+from .rules import RuleTable
+
+__all__ = ["PlanPass", "PASSES", "make_plan"]
+
+PlanPass = Callable[[PlanContext], list[PlanRow]]
+
+PASSES: tuple[PlanPass, ...] = (norm_rows, constant_rows)
+
+
+def make_plan(
+    model: nn.Module, graph: DataFlowGraph, rules: RuleTable, passes: Sequence[PlanPass] | None = None
+) -> FoldPlan:
+    """Decide, for every norm layer (and channel-wise constant) of ``model``, whether and where it folds,
+    with ``passes`` (default: :data:`PASSES`, read at each call)."""
+    ctx = PlanContext(model, graph, rules)
+    passes = PASSES if passes is None else passes
+    sites: list[FoldSite] = []  # in the order surgery applies them: the order each pass gives
+    kept: list[KeptNorm] = []
+    found: list[str] = []
+    for run in passes:
+        for row in run(ctx):
+            if row.norm in found:
+                continue  # a constant used by several ops is reported once (kept: used elsewhere)
+            found.append(row.norm)
+            if isinstance(row, FoldSite):
+                sites.append(row)
+            else:
+                kept.append(row)
+    # rows are listed in the model's module order, then the rest (constants) in the order they were found
+    modules = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = sorted(found, key=lambda name: (0, modules[name]) if name in modules else (1, found.index(name)))
+    return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))

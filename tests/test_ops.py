@@ -1,0 +1,175 @@
+"""The op table: one test per entry, each on the fold that reads it, and a check that no entry goes
+untested. An op that is not in the table ends a fold's path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision  # noqa: F401 - registers torchvision's Permute module type with bnfold.compat
+from torch import nn
+
+import bnfold
+from bnfold.ops import op_table
+
+from helpers import Chain, check_fold, randomize_norms
+
+X4 = torch.randn(2, 3, 6, 6)
+
+
+def conv_op_bn(op):
+    """Backward: the norm reads the conv's output through ``op``, which must keep the channels on axis 1."""
+    return Chain(nn.Conv2d(3, 4, 1), op, nn.BatchNorm2d(4)), X4
+
+
+def bn_op_linear(op, features=4):
+    """Forward: a Linear reads the norm's output through ``op``."""
+    return Chain(nn.BatchNorm2d(3), op, nn.Linear(features, 5)), X4[:, :, :4, :4] if features == 4 else X4
+
+
+def bn_module_conv(module, x, channels):
+    """Forward: a 1x1 conv of the right rank reads the norm's output through ``module``."""
+    rank = x.dim() - 2
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[rank](channels)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank](channels, 2, 1)
+    return Chain(norm, module, conv), x
+
+
+def _unflatten(y):
+    return y.unflatten(2, (6, 6))
+
+
+# op -> (model, input, kind of the fold that goes through it)
+FUNCTION_CASES = {
+    "Tensor.contiguous": (*conv_op_bn(lambda y: y.transpose(2, 3).contiguous().transpose(2, 3)), "backward"),
+    "Tensor.clone": (*conv_op_bn(lambda y: y.clone()), "backward"),
+    "_VariableFunctionsClass.clone": (*conv_op_bn(torch.clone), "backward"),
+    "Tensor.permute": (*conv_op_bn(lambda y: y.permute(0, 2, 3, 1).permute(0, 3, 1, 2)), "backward"),
+    "_VariableFunctionsClass.permute": (
+        *conv_op_bn(lambda y: torch.permute(torch.permute(y, (0, 2, 3, 1)), (0, 3, 1, 2))),
+        "backward",
+    ),
+    "Tensor.transpose": (*conv_op_bn(lambda y: y.transpose(1, 3).transpose(1, 3)), "backward"),
+    "_VariableFunctionsClass.transpose": (
+        *conv_op_bn(lambda y: torch.transpose(torch.transpose(y, 1, 2), 1, 2)),
+        "backward",
+    ),
+    "Tensor.swapaxes": (*conv_op_bn(lambda y: y.swapaxes(1, 2).swapaxes(1, 2)), "backward"),
+    "Tensor.swapdims": (*conv_op_bn(lambda y: y.swapdims(1, -1).swapdims(1, -1)), "backward"),
+    "Tensor.movedim": (*conv_op_bn(lambda y: y.movedim(1, -1).movedim(-1, 1)), "backward"),
+    "_VariableFunctionsClass.movedim": (*conv_op_bn(lambda y: torch.movedim(torch.movedim(y, 1, 3), 3, 1)), "backward"),
+    "Tensor.roll": (*conv_op_bn(lambda y: y.roll(1, 2)), "backward"),
+    "_VariableFunctionsClass.roll": (*conv_op_bn(lambda y: torch.roll(y, (1, 2), dims=(2, 3))), "backward"),
+    "Tensor.reshape": (*conv_op_bn(lambda y: y.reshape(2, 4, 36).reshape(2, 4, 6, 6)), "backward"),
+    "Tensor.view": (*conv_op_bn(lambda y: y.view(2, 4, -1).view(2, 4, 6, 6)), "backward"),
+    "Tensor.flatten": (*conv_op_bn(lambda y: _unflatten(y.flatten(2))), "backward"),
+    "Tensor.unflatten": (*conv_op_bn(lambda y: _unflatten(y.flatten(2))), "backward"),
+    "Tensor.squeeze": (*conv_op_bn(lambda y: y.unsqueeze(0).squeeze(0)), "backward"),
+    "Tensor.unsqueeze": (*conv_op_bn(lambda y: y.unsqueeze(2).squeeze(2)), "backward"),
+    "Tensor.reshape_as": (*conv_op_bn(lambda y: y.flatten(2).reshape_as(y)), "backward"),
+    "Tensor.view_as": (*conv_op_bn(lambda y: y.flatten(2).view_as(y)), "backward"),
+    "_VariableFunctionsClass.reshape": (*conv_op_bn(lambda y: torch.reshape(y, (2, 4, 6, 6))), "backward"),
+    "_VariableFunctionsClass.flatten": (*conv_op_bn(lambda y: _unflatten(torch.flatten(y, 2))), "backward"),
+    "_VariableFunctionsClass.squeeze": (*conv_op_bn(lambda y: torch.squeeze(y.unsqueeze(0), 0)), "backward"),
+    "_VariableFunctionsClass.unsqueeze": (*conv_op_bn(lambda y: torch.unsqueeze(y, 0).squeeze(0)), "backward"),
+    "Tensor.__getitem__": (*conv_op_bn(lambda y: y[:, None][:, 0]), "backward"),
+    "Tensor.mean": (*bn_op_linear(lambda y: y.mean((2, 3)), features=3), "forward"),
+    "_VariableFunctionsClass.mean": (*bn_op_linear(lambda y: torch.mean(y, dim=(-1, -2)), features=3), "forward"),
+}
+
+X3, X5 = torch.randn(2, 4, 9), torch.randn(2, 4, 5, 5, 5)
+X4C = torch.randn(2, 4, 6, 6)
+MODULE_CASES = {
+    "Identity": (*bn_module_conv(nn.Identity(), X4C, 4), "forward"),
+    "Dropout": (*bn_module_conv(nn.Dropout(0.3), X4C, 4), "forward"),
+    "Dropout1d": (*bn_module_conv(nn.Dropout1d(0.3), X3, 4), "forward"),
+    "Dropout2d": (*bn_module_conv(nn.Dropout2d(0.3), X4C, 4), "forward"),
+    "Dropout3d": (*bn_module_conv(nn.Dropout3d(0.3), X5, 4), "forward"),
+    "AlphaDropout": (*bn_module_conv(nn.AlphaDropout(0.3), X4C, 4), "forward"),
+    "FeatureAlphaDropout": (*bn_module_conv(nn.FeatureAlphaDropout(0.3), X4C, 4), "forward"),
+    "Flatten": (Chain(nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3)), X4C, "forward"),
+    "Unflatten": (Chain(nn.Conv1d(4, 4, 1), nn.Unflatten(2, (3, 3)), nn.BatchNorm2d(4)), X3, "backward"),
+    "AvgPool1d": (*bn_module_conv(nn.AvgPool1d(3), X3, 4), "forward"),
+    "AvgPool2d": (*bn_module_conv(nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False), X4C, 4), "forward"),
+    "AvgPool3d": (*bn_module_conv(nn.AvgPool3d(2), X5, 4), "forward"),
+    "AdaptiveAvgPool1d": (*bn_module_conv(nn.AdaptiveAvgPool1d(2), X3, 4), "forward"),
+    "AdaptiveAvgPool2d": (*bn_module_conv(nn.AdaptiveAvgPool2d(1), X4C, 4), "forward"),
+    "AdaptiveAvgPool3d": (*bn_module_conv(nn.AdaptiveAvgPool3d(2), X5, 4), "forward"),
+    # a maximum commutes with a norm only when every scale is positive (randomize_norms makes them so)
+    "MaxPool1d": (*bn_module_conv(nn.MaxPool1d(2), X3, 4), "forward"),
+    "MaxPool2d": (*bn_module_conv(nn.MaxPool2d(2), X4C, 4), "forward"),
+    "MaxPool3d": (*bn_module_conv(nn.MaxPool3d(2), X5, 4), "forward"),
+    "AdaptiveMaxPool1d": (*bn_module_conv(nn.AdaptiveMaxPool1d(3), X3, 4), "forward"),
+    "AdaptiveMaxPool2d": (*bn_module_conv(nn.AdaptiveMaxPool2d(2), X4C, 4), "forward"),
+    "AdaptiveMaxPool3d": (*bn_module_conv(nn.AdaptiveMaxPool3d(2), X5, 4), "forward"),
+    "Permute": (
+        Chain(nn.Linear(6, 4), torchvision.ops.misc.Permute([0, 3, 1, 2]), nn.BatchNorm2d(4)),
+        torch.randn(2, 5, 5, 6),
+        "backward",
+    ),
+}
+
+
+def test_every_entry_of_the_op_table_has_a_test():
+    functions, modules = op_table()
+    assert set(functions) == set(FUNCTION_CASES)
+    assert {t.__name__ for t in modules} == set(MODULE_CASES)
+
+
+@pytest.mark.parametrize("op", sorted(FUNCTION_CASES))
+def test_function_entry_lets_a_fold_through(op):
+    model, x, kind = FUNCTION_CASES[op]
+    result = check_fold(model.eval(), x, folded=1, kept=0)
+    assert result.report.plan.sites[0].kind == kind
+
+
+@pytest.mark.parametrize("module", sorted(MODULE_CASES))
+def test_module_entry_lets_a_fold_through(module):
+    model, x, kind = MODULE_CASES[module]
+    result = check_fold(model.eval(), x, folded=1, kept=0)
+    assert result.report.plan.sites[0].kind == kind
+
+
+# -- what ends a path ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda y: torch.roll(y, 1, dims=1),  # a roll of the channels
+        lambda y: y.roll(1),  # no dims: the flattened tensor is rolled, across the channels
+        lambda y: y.transpose(1, 2),  # the channels land on another axis
+        lambda y: y.permute(0, 2, 1, 3).reshape(2, 4, 6, 6),  # channels interleaved with the rows
+        lambda y: torch.sigmoid(y),  # not in the table
+        lambda y: y.flip(1),  # not in the table
+        lambda y: y[:, :3],  # a slice of the channels
+    ],
+    ids=["roll-channels", "roll-flat", "transpose", "interleave", "sigmoid", "flip", "slice"],
+)
+def test_ops_that_move_or_change_channels_end_a_path(op):
+    channels = op(torch.randn(2, 4, 6, 6)).shape[1]  # the norm fits what the op gives it
+    model = Chain(nn.Conv2d(3, 4, 1), op, nn.BatchNorm2d(channels)).eval()
+    result = check_fold(model, X4, folded=0, kept=1)
+    assert result.report.plan.kept[0].norm == "s2"
+
+
+def test_roll_over_the_channels_keeps_the_norm_with_the_reason():
+    model = Chain(nn.Conv2d(3, 4, 1), lambda y: torch.roll(y, 1, dims=1), nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, X4, folded=0, kept=1)
+    assert "roll" in result.report.plan.kept[0].reason and "mixes the channels" in result.report.plan.kept[0].reason
+
+
+def test_max_pool_needs_positive_scales_and_avg_pool_real_elements_only():
+    bn = nn.BatchNorm2d(4)
+    model = randomize_norms(Chain(bn, nn.MaxPool2d(2), nn.Conv2d(4, 2, 1)).eval())
+    with torch.no_grad():
+        bn.weight[0] = -1.0
+    result = bnfold.fold_with_report(model, X4C)
+    assert result.report.kept == 1 and "not positive" in result.report.plan.kept[0].reason
+    padded = Chain(nn.BatchNorm2d(4), nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(4, 2, 1)).eval()
+    result = check_fold(padded, X4C, folded=0, kept=1)
+    assert "count_include_pad=True" in result.report.plan.kept[0].reason
+
+
+def test_backward_through_pooling_and_a_mean():
+    pooled = Chain(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2), nn.BatchNorm2d(4)).eval()
+    check_fold(pooled, X4, folded=1, kept=0)
+    mean = Chain(nn.Conv2d(3, 4, 3), lambda y: y.mean((2, 3)), nn.BatchNorm1d(4)).eval()
+    check_fold(mean, X4, folded=1, kept=0)
