@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnfold.nested import leaves
 from bnfold.testing import randomize_norms
 
 __all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold", "Chain"]
@@ -44,7 +45,7 @@ def check_fold(model: nn.Module, example_inputs, *, folded: int, kept: int, rand
         assert_same_state(model, before)
     with torch.no_grad():
         actual = result.model(*args)
-    flat_e, flat_a = list(_leaves(expected)), list(_leaves(actual))
+    flat_e, flat_a = [leaf for _, leaf in leaves(expected)], [leaf for _, leaf in leaves(actual)]
     assert len(flat_e) == len(flat_a)
     for e, a in zip(flat_e, flat_a, strict=True):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
@@ -54,16 +55,6 @@ def check_fold(model: nn.Module, example_inputs, *, folded: int, kept: int, rand
         else:
             assert e == a
     return result
-
-
-def _leaves(obj):
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _leaves(item)
-    else:
-        yield obj
 
 
 class Chain(nn.Module):

@@ -10,22 +10,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import compat
 from .errors import FoldError
-from .graph import (
-    DataFlowGraph,
-    detached_copy,
-    iter_tensors,
-    preserved_buffers,
-    seeded,
-    trace_execution,
-    trace_symbolic,
-)
+from .graph import DataFlowGraph, trace_execution, trace_symbolic
 from .layercheck import Probes, Recording, compare, probes_for, record
+from .nested import detached_copy, iter_tensors
 from .norms import TRAINING_REASON
 from .plan import FoldPlan
 from .planner import make_plan
 from .report import FoldReport, model_size
 from .rules import AnyRule, RuleTable, build_rules
+from .running import inference
 from .surgery import apply_plan, clone_model, undo_all
 from .verify import OutputDiff, compare_outputs, mismatch_error
 
@@ -45,7 +40,7 @@ def _check_model(model: Any, caller: str) -> nn.Module:
             "before torch.jit.script / torch.jit.trace"
         )
     for name, module in model.named_modules():
-        if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        if isinstance(module, compat.compiled_module_types()):
             what = "a torch.compile'd module" if not name else f"'{name}', a torch.compile'd module,"
             raise TypeError(
                 f"bnfold.{caller}() got {what} (OptimizedModule); fold the module before compiling it: "
@@ -163,7 +158,7 @@ def _run_folded(
     try:
         if checks is not None:
             return record(target, args, checks[0], replay=checks[1])
-        with torch.no_grad(), preserved_buffers(target), seeded(target):
+        with inference(target):
             return target(*detached_copy(args))
     except Exception as error:  # the model's own code relied on something folding removed
         raise FoldError(

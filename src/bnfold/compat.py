@@ -22,6 +22,7 @@ __all__ = [
     "same_padding_conv_types",
     "plain_linear_types",
     "permute_module_types",
+    "compiled_module_types",
 ]
 
 
@@ -79,3 +80,9 @@ def permute_module_types() -> tuple[type[nn.Module], ...]:
     """Modules that permute their input's axes by a ``dims`` attribute: torchvision's ``Permute``
     (ConvNeXt, Swin)."""
     return _present(_optional("torchvision.ops.misc", "Permute"))
+
+
+def compiled_module_types() -> tuple[type[nn.Module], ...]:
+    """The wrapper ``torch.compile`` returns for a module: ``OptimizedModule`` (loaded once anything was
+    compiled)."""
+    return _present(_optional("torch._dynamo.eval_frame", "OptimizedModule"))

@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,8 @@ from torch.overrides import TorchFunctionMode
 
 from .classes import has_type
 from .errors import TraceError
+from .nested import detached_copy, iter_tensors
+from .running import inference, preserved_buffers, seeded
 
 __all__ = [
     "Call",
@@ -156,44 +158,6 @@ class DataFlowGraph:
 
     def calls_of(self, module: nn.Module) -> list[int]:
         return self.module_calls.get(id(module), [])
-
-
-def iter_tensors(obj: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested tuples, lists and dicts, in order."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from iter_tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from iter_tensors(item)
-
-
-@contextlib.contextmanager
-def seeded(model: nn.Module, seed: int = 0) -> Iterator[None]:
-    """Run with a fixed RNG seed and leave the caller's RNG state as it was."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Undo what a forward pass does to buffers (a norm in training mode updates its running statistics)."""
-    saved = [(buf, buf.detach().clone()) for buf in model.buffers() if not _is_uninitialized(buf)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                if buf.shape == value.shape:
-                    buf.copy_(value)
-
-
-def _is_uninitialized(t: Tensor) -> bool:
-    return nn.parameter.is_lazy(t)
 
 
 def _op_name(func: Callable[..., Any]) -> str:
@@ -427,7 +391,7 @@ def trace_execution(
         handles.append(module.register_forward_pre_hook(tracer.pre_hook, prepend=True, with_kwargs=True))
         handles.append(module.register_forward_hook(tracer.post_hook, with_kwargs=True))
     try:
-        with torch.no_grad(), preserved_buffers(model), seeded(model):
+        with inference(model):
             args = detached_copy(args)
             in_keys, in_shapes = tracer.keys(args)
             tracer.graph.add("input", "<inputs>", None, [], in_keys, None, in_shapes)
@@ -448,20 +412,6 @@ def trace_execution(
         for handle in handles:
             handle.remove()
     return tracer.graph
-
-
-def detached_copy(obj: Any) -> Any:
-    """A copy of nested tuples/lists/dicts with every tensor detached and cloned (models may change
-    their inputs in place; the caller's tensors must not be touched)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(detached_copy(o) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(detached_copy(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: detached_copy(v) for k, v in obj.items()}
-    return obj
 
 
 class _LeafTracer(torch.fx.Tracer):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .graph import detached_copy, iter_tensors
+from .nested import detached_copy, iter_tensors
 
 __all__ = ["Latency", "compare_latency"]
 

@@ -22,13 +22,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .constants import constant_named
-from .graph import detached_copy, iter_tensors, preserved_buffers, seeded
+from .nested import detached_copy, iter_tensors
 from .plan import FoldKind, FoldPlan, FoldSite
+from .running import inference
 from .verify import OutputDiff, compare_outputs
 
 __all__ = ["Probes", "Recording", "ProbeRole", "PROBE_ROLES", "probes_for", "record", "compare"]
@@ -193,7 +193,7 @@ def record(model: nn.Module, args: tuple[Any, ...], probes: Probes, replay: Reco
                 handles.append(modules[exit_.name].register_forward_hook(exit_hook(exit_)))
             else:
                 watched[id(constant_named(model, exit_.name))] = exit_
-        with torch.no_grad(), preserved_buffers(model), seeded(model):
+        with inference(model):
             if watched:
                 with _ConstantExits(watched, values):
                     model(*detached_copy(args))

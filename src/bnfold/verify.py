@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .errors import VerificationError
+from .nested import leaves
 
-__all__ = ["OutputDiff", "relative_tolerance", "compare_outputs", "flatten_outputs", "mismatch_error"]
+__all__ = ["OutputDiff", "relative_tolerance", "compare_outputs", "mismatch_error"]
 
 _RTOL = {
     torch.float64: 1e-9,
@@ -53,15 +54,6 @@ class OutputDiff:
         return self.max_abs_error <= self.tolerance
 
 
-def flatten_outputs(obj: Any, path: str = "output") -> list[tuple[str, Any]]:
-    """``(path, leaf)`` for every leaf of nested tuples, lists and dicts."""
-    if isinstance(obj, (tuple, list)):
-        return [leaf for i, item in enumerate(obj) for leaf in flatten_outputs(item, f"{path}[{i}]")]
-    if isinstance(obj, dict):
-        return [leaf for k, item in obj.items() for leaf in flatten_outputs(item, f"{path}[{k!r}]")]
-    return [(path, obj)]
-
-
 def _diff(path: str, expected: Tensor, actual: Tensor) -> OutputDiff:
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return OutputDiff(path, math.inf, 0.0, 0.0)
@@ -82,8 +74,8 @@ def _diff(path: str, expected: Tensor, actual: Tensor) -> OutputDiff:
 
 def compare_outputs(expected: Any, actual: Any) -> list[OutputDiff]:
     """One :class:`OutputDiff` per tensor in the outputs; a structural mismatch is an infinite error."""
-    left = flatten_outputs(expected)
-    right = flatten_outputs(actual)
+    left = leaves(expected)
+    right = leaves(actual)
     if [p for p, _ in left] != [p for p, _ in right]:
         return [OutputDiff("output structure", math.inf, 0.0, 0.0)]
     diffs = []
