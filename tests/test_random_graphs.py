@@ -36,8 +36,38 @@ STEP_WEIGHTS = {
     "roll": 1,
     "avg_pool": 1,
     "max_pool": 1,
+    "rep_block": 2,
 }
 OPS = [op for op, weight in STEP_WEIGHTS.items() for _ in range(weight)]
+
+
+class RepBranches(nn.Module):
+    """Parallel branches of one tensor, summed, in one of several shapes (``variant``): RepVGG-like (with an
+    identity norm when the widths allow), ACNet-like asymmetric kernels, one with an activation on a branch
+    (never merged), one with a biased 1x1 before a zero-padded 3x3 (never merged), one with a coefficient."""
+
+    VARIANTS = 5
+
+    def __init__(self, c: int, width: int, variant: int):
+        super().__init__()
+        self.variant = variant
+        self.a = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        kernel, padding = ((3, 1), (1, 0)) if variant == 1 else (1, 0)
+        self.b = nn.Sequential(nn.Conv2d(c, width, kernel, padding=padding, bias=variant == 3), nn.BatchNorm2d(width))
+        if variant == 3:
+            self.b.append(nn.Conv2d(width, width, 3, padding=1))
+        self.identity = nn.BatchNorm2d(c) if c == width and variant in (0, 4) else None
+        self.alpha = nn.Parameter(torch.tensor(0.75)) if variant == 4 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        if self.variant == 2:
+            a = torch.relu(a)
+        out = a + (self.alpha * b if self.alpha is not None else b)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return self.act(out)
 
 
 class Program(nn.Module):
@@ -54,6 +84,7 @@ class Program(nn.Module):
         self.scales = nn.ParameterList()
         channels = [in_channels]
         self.pools = nn.ModuleList()
+        self.blocks = nn.ModuleList()
         for op, a, b, width in steps:
             if op not in self.SUPPORTED:
                 raise ValueError(f"unknown step {op!r}")
@@ -112,6 +143,10 @@ class Program(nn.Module):
             elif op == "roll":  # over the channels (b even: must end a fold's path) or over the height
                 self.steps.append((op, src, 1 if b % 2 == 0 else 2, 0, 0))
                 channels.append(c)
+            elif op == "rep_block":
+                self.blocks.append(RepBranches(c, width if b % 3 else c, b % RepBranches.VARIANTS))
+                self.steps.append(("block", src, 0, len(self.blocks) - 1, 0))
+                channels.append(self.blocks[-1].a[0].out_channels)
             elif op in ("avg_pool", "max_pool"):
                 pool = (
                     nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=bool(b % 2))
@@ -155,6 +190,8 @@ class Program(nn.Module):
                 out = torch.roll(v, 1, dims=b)
             elif op == "pool":
                 out = self.pools[index](v)
+            elif op == "block":
+                out = self.blocks[index](v)
             elif op == "add":
                 out = v + values[b]
             else:
@@ -178,7 +215,7 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def test_every_supported_step_is_drawn():
     assert set(OPS) == Program.SUPPORTED
     drawn = Program([(op, 0, 1, 4) for op in STEP_WEIGHTS])
-    assert {step[0] for step in drawn.steps} >= {"conv", "bn", "dropout", "scale", "pool", "roll", "permute"}
+    assert {step[0] for step in drawn.steps} >= {"conv", "bn", "dropout", "scale", "pool", "roll", "permute", "block"}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -193,10 +230,27 @@ def test_folding_never_changes_outputs(steps, seed):
     norm_rows = [
         r for r in plan.rows if getattr(r, "kind", None) != "constant" and r.norm in dict(model.named_modules())
     ]
-    assert len(norm_rows) == len(model.norms)
+    assert len(norm_rows) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     event(f"folded {min(len(plan.sites), 3)}+")
     for e, a in zip(expected, _outputs(result.model, x), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max().clamp_min(1.0)))
     # the same graph traced symbolically must never fold something execution tracing keeps
     symbolic = bnfold.plan(model)
     assert {s.norm for s in symbolic.sites} <= {s.norm for s in plan.sites}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=steps_strategy, seed=st.integers(0, 1000))
+def test_reparameterize_never_changes_outputs(steps, seed):
+    torch.manual_seed(seed)
+    model = randomize_norms(Program([*steps, ("rep_block", 0, seed, 4)]), seed).eval()
+    x = torch.randn(2, 3, 5, 5)
+    expected = _outputs(model, x)
+    result = bnfold.fold_with_report(model, x, reparameterize=True)  # raises VerificationError if outputs changed
+    event(f"merged {min(result.report.merged, 2)}+")
+    for e, a in zip(expected, _outputs(result.model, x), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max().clamp_min(1.0)))
+    for site in result.report.plan.sites:
+        if site.kind == "merge":
+            assert isinstance(result.model.get_submodule(site.norm), bnfold.MergedConv)
+            assert model.get_submodule(site.norm).variant in (0, 1, 4)  # never the activation or biased-1x1 ones

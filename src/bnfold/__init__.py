@@ -12,6 +12,7 @@ from .latency import Latency, compare_latency
 from .layers import LayerRule
 from .norms import NormRule
 from .plan import FoldPlan, FoldSite, KeptNorm
+from .reparam import MergedConv
 from .report import FoldReport
 from .rules import FoldRule
 
@@ -32,6 +33,7 @@ __all__ = [
     "compare_latency",
     "Latency",
     "BN_Folder",
+    "MergedConv",
     "BnfoldError",
     "TraceError",
     "FoldError",

@@ -18,7 +18,7 @@ from .nested import detached_copy, iter_tensors
 from .norms import TRAINING_REASON
 from .plan import FoldPlan
 from .planner import make_plan
-from .report import FoldReport, model_size
+from .report import FoldReport, largest_weight, model_size
 from .rules import AnyRule, RuleTable, build_rules
 from .running import inference
 from .surgery import apply_plan, clone_model, undo_all
@@ -88,11 +88,18 @@ def _warn_training(model: nn.Module, plan: FoldPlan, stacklevel: int) -> None:
 
 
 def _plan(
-    model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable, stacklevel: int
+    model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable, stacklevel: int, reparameterize: bool = False
 ) -> tuple[FoldPlan, DataFlowGraph]:
     """Discover and plan; ``stacklevel`` points a warning at the user's call (1 = the caller of _plan)."""
+    if not isinstance(reparameterize, bool):
+        raise TypeError(f"reparameterize must be True or False, got {reparameterize!r}")
+    if reparameterize and args is None:
+        raise ValueError(
+            "reparameterize=True needs example_inputs (merging branches follows the recorded shapes), e.g. "
+            "bnfold.fold(model, torch.randn(1, 3, 224, 224), reparameterize=True)"
+        )
     graph = _discover(model, args, rules)
-    found = make_plan(model, graph, rules)
+    found = make_plan(model, graph, rules, reparameterize=reparameterize)
     _warn_training(model, found, stacklevel + 1)
     return found, graph
 
@@ -102,6 +109,7 @@ def plan(
     example_inputs: Tensor | tuple[Any, ...] | None = None,
     *,
     extra_rules: Iterable[AnyRule] | None = None,
+    reparameterize: bool = False,
 ) -> FoldPlan:
     """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
 
@@ -116,7 +124,7 @@ def plan(
     """
     model = _check_model(model, "plan")
     args = _check_inputs(example_inputs)
-    found, _ = _plan(model, args, build_rules(extra_rules), stacklevel=2)
+    found, _ = _plan(model, args, build_rules(extra_rules), stacklevel=2, reparameterize=reparameterize)
     return found
 
 
@@ -135,6 +143,7 @@ def fold_with_report(
     inplace: bool = False,
     extra_rules: Iterable[AnyRule] | None = None,
     verify: VerifyMode = "outputs",
+    reparameterize: bool = False,
 ) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
 
@@ -144,7 +153,7 @@ def fold_with_report(
     >>> result.report.folded, result.report.kept
     (1, 0)
     """
-    return _fold(model, example_inputs, inplace, extra_rules, verify)
+    return _fold(model, example_inputs, inplace, extra_rules, verify, reparameterize)
 
 
 def _has_float_values(outputs: Any) -> bool:
@@ -192,6 +201,7 @@ def _fold(
     inplace: bool,
     extra_rules: Iterable[AnyRule] | None,
     verify: VerifyMode = "outputs",
+    reparameterize: bool = False,
 ) -> FoldResult:
     """The body of fold() and fold_with_report(), called directly by both (warnings point at the user)."""
     model = _check_model(model, "fold")
@@ -201,8 +211,9 @@ def _fold(
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be 'outputs' or 'layers', got {verify!r}")
     rules = build_rules(extra_rules)
-    found, graph = _plan(model, args, rules, stacklevel=3)
+    found, graph = _plan(model, args, rules, stacklevel=3, reparameterize=reparameterize)
     params_before, bytes_before = model_size(model)
+    weights_before = {s.norm: largest_weight(model, s.partners) for s in found.sites if s.kind == "merge"}
     checked = None
     checks = None
     if args is not None:
@@ -239,8 +250,20 @@ def _fold(
         else:
             abs_error, rel_error = 0.0, 0.0
     params_after, bytes_after = model_size(target)
+    merge_weights = tuple(
+        (block, before, largest_weight(target, (f"{block}.conv",))) for block, before in weights_before.items()
+    )
     report = FoldReport(
-        found, params_before, params_after, bytes_before, bytes_after, abs_error, rel_error, worst, checked
+        found,
+        params_before,
+        params_after,
+        bytes_before,
+        bytes_after,
+        abs_error,
+        rel_error,
+        worst,
+        checked,
+        merge_weights,
     )
     return FoldResult(target, report)
 
@@ -252,6 +275,7 @@ def fold(
     inplace: bool = False,
     extra_rules: Iterable[AnyRule] | None = None,
     verify: VerifyMode = "outputs",
+    reparameterize: bool = False,
 ) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
 
@@ -267,13 +291,17 @@ def fold(
     differences (sorting, top-k, thresholds, non-maximum suppression: detection models). bnfold checks
     the layers by itself when the outputs hold no floating-point values to compare.
 
+    ``reparameterize=True`` also merges parallel branches that read the same tensor and are summed
+    (RepVGG, MobileOne, ACNet, DBB blocks, and a user's own) into one convolution: the module around them
+    is replaced by a :class:`bnfold.MergedConv`. It needs ``example_inputs``.
+
     >>> import torch
     >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
     >>> folded = fold(m, torch.randn(1, 3, 16, 16))
     >>> type(folded[1]).__name__
     'Identity'
     """
-    return _fold(model, example_inputs, inplace, extra_rules, verify).model
+    return _fold(model, example_inputs, inplace, extra_rules, verify, reparameterize).model
 
 
 class BN_Folder:  # noqa: N801 - the name fasterai code already uses

@@ -38,6 +38,9 @@ class PlanContext:
     owners: dict[int, list[str]] = field(default_factory=dict)  # tensor id -> modules that hold it
     # norms folded backward that leave nothing behind: a later fold may read through them into the same layer
     transparent: set[str] = field(default_factory=set)
+    # modules inside a block whose branches are merged (-> the block), and the calls the merges take
+    claimed: dict[str, str] = field(default_factory=dict)
+    claimed_calls: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         for name, module in self.model.named_modules(remove_duplicate=False):
@@ -53,6 +56,8 @@ class PlanContext:
 def layer_reason(layer: nn.Module, ctx: PlanContext) -> str | None:
     """Why nothing may fold into ``layer`` at all, whatever the kind of fold."""
     name = ctx.name(layer)
+    if name in ctx.claimed:
+        return f"'{name}' is merged with its parallel branches into '{ctx.claimed[name]}'"
     calls = len(ctx.graph.calls_of(layer))
     if calls > 1:
         return f"'{name}' is called {calls} times in one forward pass (shared weights)"

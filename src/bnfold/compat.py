@@ -61,8 +61,9 @@ def layer_scale_types() -> tuple[type[nn.Module], ...]:
 
 
 def layer_scale_2d_types() -> tuple[type[nn.Module], ...]:
-    """Per-channel scales on NCHW tensors: timm's ``LayerScale2d``."""
-    return _present(_optional("timm.layers", "LayerScale2d"))
+    """Per-channel scales on NCHW tensors (``x * gamma``, ``gamma`` of shape ``(C, 1, 1)`` or ``(C,)``):
+    timm's ``LayerScale2d``, and FastViT's own."""
+    return _present(_optional("timm.layers", "LayerScale2d"), _optional("timm.models.fastvit", "LayerScale2d"))
 
 
 def same_padding_conv_types() -> tuple[type[nn.Module], ...]:

@@ -41,6 +41,7 @@ __all__ = [
     "is_neutral",
     "neutral_value",
     "constant_rows",
+    "readers_inside",
 ]
 
 # op name as recorded -> what it applies
@@ -189,7 +190,7 @@ class _Source:
     steps: tuple[tuple[Call, OpEntry], ...] = ()
 
 
-def _readers_inside(ctx: PlanContext) -> dict[str, str]:
+def readers_inside(ctx: PlanContext) -> dict[str, str]:
     """Constant name -> a module that holds it and runs as one unit in the trace (its own forward may read
     the constant where bnfold cannot see)."""
     found: dict[str, str] = {}
@@ -209,7 +210,7 @@ def constant_rows(ctx: PlanContext) -> list[PlanRow]:
     if not graph.has_shapes:
         return []
     layers = ctx.rules.layer_types()
-    inside = _readers_inside(ctx)
+    inside = readers_inside(ctx)
     sources: dict[ValueKey, _Source] = {}
     rows: list[PlanRow] = []
 
@@ -217,7 +218,7 @@ def constant_rows(ctx: PlanContext) -> list[PlanRow]:
         return graph.consumers.get(value, []) == [call.index]
 
     for call in graph.calls:
-        if len(call.outputs) != 1:
+        if len(call.outputs) != 1 or call.index in ctx.claimed_calls:
             continue
         if call.kind == "module" and call.module is not None and call.inputs:
             module, shape = call.module, call.output_shapes[0]

@@ -37,6 +37,7 @@ from .running import inference, preserved_buffers, seeded
 
 __all__ = [
     "Call",
+    "Span",
     "DataFlowGraph",
     "trace_execution",
     "trace_symbolic",
@@ -82,6 +83,18 @@ class TensorRef:
     key: ValueKey
 
 
+@dataclass(frozen=True)
+class Span:
+    """One module call of the forward pass, outside any module recorded as a whole: the calls it made
+    (``calls[start:end]``, its own included when it is recorded) and the values it read and returned."""
+
+    module: nn.Module
+    start: int
+    end: int
+    inputs: list[ValueKey]
+    outputs: list[ValueKey]
+
+
 @dataclass
 class DataFlowGraph:
     """The calls of one forward pass and the values that flow between them."""
@@ -98,6 +111,8 @@ class DataFlowGraph:
     # values that are a parameter or buffer of the model, with its qualified name
     constants: dict[ValueKey, str] = field(default_factory=dict)
     final_versions: dict[int, int] = field(default_factory=dict)
+    # execution tracing: every module call that is not inside a module recorded as a whole
+    spans: list[Span] = field(default_factory=list)
 
     def changed_later(self, key: ValueKey, reader: int) -> bool:
         """Whether the tensor behind ``key`` may be changed in place after ``reader`` read it (through it
@@ -256,7 +271,7 @@ class _ExecutionTracer(TorchFunctionMode):
         self.recorded_types = recorded_types
         self.depth = 0  # > 0 while inside a recorded module: its internals are its own business
         self.quiet = 0  # > 0 while bnfold's own bookkeeping runs
-        self.stack: list[tuple[nn.Module, bool, list[ValueKey], list[Shape | None]]] = []
+        self.stack: list[tuple[nn.Module, bool, list[ValueKey], list[Shape | None], int]] = []
         self.serials: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
         self.counter = itertools.count(1)
         self.completed = 0
@@ -324,9 +339,10 @@ class _ExecutionTracer(TorchFunctionMode):
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.quiet += 1
         try:
-            record = self.depth == 0 and self.is_recorded(module)
-            keys, shapes = self.keys((args, kwargs)) if record else ([], [])
-            self.stack.append((module, record, keys, shapes))
+            top = self.depth == 0
+            record = top and self.is_recorded(module)
+            keys, shapes = self.keys((args, kwargs)) if top else ([], [])
+            self.stack.append((module, record, keys, shapes, len(self.graph.calls) if top else -1))
             if record:
                 self.depth += 1
             elif self.depth > 0:
@@ -337,11 +353,16 @@ class _ExecutionTracer(TorchFunctionMode):
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self.quiet += 1
         try:
-            _, record, keys, shapes = self.stack.pop()
+            _, record, keys, shapes, start = self.stack.pop()
             if record:
                 self.depth -= 1
+            if start >= 0:
                 out_keys, out_shapes = self.keys(output)
-                self.graph.add("module", self.names.get(id(module), "?"), module, keys, out_keys, shapes, out_shapes)
+                if record:
+                    self.graph.add(
+                        "module", self.names.get(id(module), "?"), module, keys, out_keys, shapes, out_shapes
+                    )
+                self.graph.spans.append(Span(module, start, len(self.graph.calls), keys, out_keys))
             self.completed += 1
             self.last_completed = self.names.get(id(module), "?")
         finally:

@@ -69,7 +69,7 @@ class ProbeRole:
     layers it feeds; its own output is changed, and their outputs restore the original's values.
     """
 
-    side: str  # "after" | "before"
+    side: str  # "after" | "before" | "region" (its own module is entry and exit) | "none" (nothing to check)
     exit: str = "module"  # "module" | "constant"
 
 
@@ -79,6 +79,8 @@ PROBE_ROLES: dict[FoldKind, ProbeRole] = {
     "concat": ProbeRole("after"),
     "constant": ProbeRole("after", exit="constant"),
     "forward": ProbeRole("before"),
+    "merge": ProbeRole("region"),
+    "merged": ProbeRole("none"),
 }
 
 
@@ -92,15 +94,22 @@ def probes_for(plan: FoldPlan) -> Probes:
     after: dict[str, list[FoldSite]] = defaultdict(list)  # layer -> folds after it, in order
     before_norms: list[str] = []
     before_partners: dict[str, list[str]] = defaultdict(list)  # layer -> norms folded into its input
+    regions: list[str] = []
     for site in plan.sites:
-        if PROBE_ROLES[site.kind].side == "before":
+        side = PROBE_ROLES[site.kind].side
+        if side == "none":
+            continue
+        if side == "region":
+            regions.append(site.norm)
+            continue
+        if side == "before":
             before_norms.append(site.norm)
             for partner in site.partners:
                 before_partners[partner].append(site.norm)
         else:
             for partner in site.partners:
                 after[partner].append(site)
-    entries = [layer for layer in after if layer not in before_partners] + before_norms
+    entries = [layer for layer in after if layer not in before_partners] + before_norms + regions
     exits: dict[tuple[str, str], list[str]] = defaultdict(list)
     for layer, chain in after.items():
         last = chain[-1]
@@ -110,6 +119,8 @@ def probes_for(plan: FoldPlan) -> Probes:
     for layer, norms in before_partners.items():
         if layer not in after:
             exits[("module", layer)].extend(norms)
+    for block in regions:
+        exits[("module", block)].append(block)
     return Probes(
         tuple(dict.fromkeys(entries)),
         tuple(Exit(kind, name, tuple(dict.fromkeys(sites))) for (kind, name), sites in exits.items()),

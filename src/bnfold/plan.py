@@ -13,19 +13,36 @@ concat      a norm after a channel-wise ``torch.cat`` of layers: each layer take
 forward     a norm before layers, ``layer(norm(x))``: their input channels
 constant    a per-channel parameter applied by an op, ``layer(x) <op> constant``:
             folded into the layer, the constant set to the op's neutral value
+merge       parallel branches of one tensor and their sum, merged into one
+            convolution: the block around them (``norm``) becomes a MergedConv
+merged      a norm that is part of a merge (``partners``: the block)
 ==========  ===================================================================
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["FoldKind", "Direction", "ConstantOp", "FoldSite", "KeptNorm", "FoldPlan", "PlanRow"]
+__all__ = ["FoldKind", "Direction", "ConstantOp", "MergeRecipe", "FoldSite", "KeptNorm", "FoldPlan", "PlanRow"]
 
-FoldKind = Literal["backward", "concat", "forward", "constant"]
+FoldKind = Literal["backward", "concat", "forward", "constant", "merge", "merged"]
 Direction = Literal["backward", "forward"]
 ConstantOp = Literal["mul", "div", "add", "sub"]
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """What surgery needs to rebuild a merge: the branches as a recipe (:mod:`bnfold.branches`), the
+    channels and spatial rank of the tensor they read, the modules that follow the sum inside the block
+    (names relative to it), what the merge became, in words, and the modules before the branches."""
+
+    recipe: Any
+    channels: int
+    dims: int
+    post: tuple[str, ...]
+    result: str
+    pre: tuple[str, ...] = ()  # the modules before the branches inside the block
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,7 @@ class FoldSite:
     via: tuple[str, ...] = ()
     slices: tuple[tuple[int, int], ...] = ()
     op: ConstantOp | None = None
+    merge: MergeRecipe | None = None
 
     @property
     def direction(self) -> Direction:
@@ -55,7 +73,7 @@ class FoldSite:
 
     @property
     def decision(self) -> str:
-        return "folded"
+        return "merged" if self.kind in ("merge", "merged") else "folded"
 
     @property
     def partner(self) -> str:

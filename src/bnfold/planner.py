@@ -8,10 +8,15 @@ surgery step and one probe entry. Building the plan changes nothing.
 =========== ========================================================== =====================
 pass        what it folds                                               kinds
 =========== ========================================================== =====================
+merge_rows  (``reparameterize=True``) parallel branches of one tensor    merge, merged
+            and their sum, into one convolution
 norm_rows   each norm layer, backward (into the layer before it), else  backward, concat,
             forward (into every layer after it)                         forward
 constants   ``layer(x) * gamma + beta`` with per-channel model constants constant
 =========== ========================================================== =====================
+
+Merges come first: the modules they take are no longer there for the other passes. Without
+``reparameterize``, a norm kept in branches that a merge would take says so in its reason.
 """
 
 from __future__ import annotations
@@ -25,22 +30,32 @@ from .constants import constant_rows
 from .graph import DataFlowGraph
 from .norm_folds import norm_rows
 from .plan import FoldPlan, FoldSite, KeptNorm, PlanRow
+from .reparam import merge_hints, merge_rows
 from .rules import RuleTable
 
-__all__ = ["PlanPass", "PASSES", "make_plan"]
+__all__ = ["PlanPass", "PASSES", "REPARAMETERIZE_PASSES", "make_plan"]
 
 PlanPass = Callable[[PlanContext], list[PlanRow]]
 
 PASSES: tuple[PlanPass, ...] = (norm_rows, constant_rows)
+REPARAMETERIZE_PASSES: tuple[PlanPass, ...] = (merge_rows,)  # run before PASSES with reparameterize=True
 
 
 def make_plan(
-    model: nn.Module, graph: DataFlowGraph, rules: RuleTable, passes: Sequence[PlanPass] | None = None
+    model: nn.Module,
+    graph: DataFlowGraph,
+    rules: RuleTable,
+    passes: Sequence[PlanPass] | None = None,
+    *,
+    reparameterize: bool = False,
 ) -> FoldPlan:
     """Decide, for every norm layer (and channel-wise constant) of ``model``, whether and where it folds,
-    with ``passes`` (default: :data:`PASSES`, read at each call)."""
+    with ``passes`` (default: :data:`PASSES`, read at each call, after :data:`REPARAMETERIZE_PASSES` when
+    ``reparameterize``)."""
     ctx = PlanContext(model, graph, rules)
-    passes = PASSES if passes is None else passes
+    if passes is None:
+        passes = (*REPARAMETERIZE_PASSES, *PASSES) if reparameterize else PASSES
+    hints = merge_hints(ctx) if not reparameterize and graph.has_shapes else {}
     sites: list[FoldSite] = []  # in the order surgery applies them: the order each pass gives
     kept: list[KeptNorm] = []
     found: list[str] = []
@@ -51,6 +66,9 @@ def make_plan(
             found.append(row.norm)
             if isinstance(row, FoldSite):
                 sites.append(row)
+            elif row.norm in hints:
+                reason = f"{row.reason}; reparameterize=True would merge it with its parallel branches into '{hints[row.norm]}'"
+                kept.append(KeptNorm(row.norm, row.norm_type, reason, row.partner))
             else:
                 kept.append(row)
     # rows are listed in the model's module order, then the rest (constants) in the order they were found

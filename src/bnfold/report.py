@@ -11,7 +11,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .plan import FoldPlan
 
-__all__ = ["FoldReport", "model_size", "plan_rows", "render_plan", "render_report"]
+__all__ = ["FoldReport", "model_size", "largest_weight", "plan_rows", "render_plan", "render_report"]
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
@@ -29,6 +29,16 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return params, size
 
 
+def largest_weight(model: nn.Module, names: tuple[str, ...]) -> float:
+    """The largest ``|weight|`` of the convolutions among the modules ``names`` of ``model``."""
+    largest = 0.0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            largest = max(largest, float(module.weight.detach().abs().max()))
+    return largest
+
+
 @dataclass(frozen=True)
 class FoldReport:
     """The plan, plus what the fold changed: size before and after, and the measured output error."""
@@ -44,10 +54,19 @@ class FoldReport:
     # how the fold was checked: "outputs" (the model's outputs), "layers" (each folded layer on the
     # original's inputs), or None (no example inputs)
     checked: str | None = None
+    # for each merge: (block, largest |weight| of its branches' convolutions, of the merged convolution);
+    # merged kernels can be harder to quantize when the second grows
+    merge_weights: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def folded(self) -> int:
-        return len(self.plan.sites)
+        """Norm layers (and constants) folded or merged."""
+        return sum(1 for s in self.plan.sites if s.kind != "merge")
+
+    @property
+    def merged(self) -> int:
+        """Blocks of parallel branches merged into one convolution."""
+        return sum(1 for s in self.plan.sites if s.kind == "merge")
 
     @property
     def kept(self) -> int:
@@ -64,6 +83,8 @@ class FoldReport:
             "traced_with": self.plan.traced_with,
             "folded": self.folded,
             "kept": self.kept,
+            "merged": self.merged,
+            "merges": self._merges(),
             "layers": plan_rows(self.plan),
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
@@ -74,6 +95,27 @@ class FoldReport:
             "worst_output": self.worst_output,
             "checked": self.checked,
         }
+
+    def _merges(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per merge, in model order."""
+        weights = {block: (before, after) for block, before, after in self.merge_weights}
+        found = []
+        for row in self.plan.rows:
+            merge = getattr(row, "merge", None)
+            if merge is None:
+                continue
+            before, after = weights.get(row.norm, (None, None))
+            found.append(
+                {
+                    "block": row.norm,
+                    "type": row.norm_type,
+                    "branches": list(getattr(row, "partners", ())),
+                    "result": merge.result,
+                    "largest_weight_before": before,
+                    "largest_weight_after": after,
+                }
+            )
+        return found
 
     def __str__(self) -> str:
         return render_report(self)
@@ -98,6 +140,7 @@ def plan_rows(plan: FoldPlan) -> list[dict[str, Any]]:
 
 # which side of the norm its partners are on: "<-" the layer before it, "->" the layers after it
 _ARROWS = {"backward": "<-", "forward": "->"}
+_MERGE_ARROW = "=>"  # a block whose branches became one convolution, or a norm merged with it
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -112,12 +155,23 @@ def render_plan(plan: FoldPlan) -> str:
     rows = []
     for row in plan.rows:
         reason = getattr(row, "reason", None)
-        if reason is None:
+        merge = getattr(row, "merge", None)
+        if reason is None and merge is not None:
+            rows.append(
+                [row.norm, row.norm_type, row.decision, f"{_MERGE_ARROW} {merge.result}", f"branches: {row.partner}"]
+            )
+        elif reason is None and getattr(row, "kind", None) == "merged":
+            rows.append([row.norm, row.norm_type, row.decision, f"{_MERGE_ARROW} {row.partner}", ""])
+        elif reason is None:
             arrow = _ARROWS[getattr(row, "direction", "backward")]
             rows.append([row.norm, row.norm_type, row.decision, f"{arrow} {row.partner}", ""])
         else:
             rows.append([row.norm, row.norm_type, row.decision, row.partner or "", reason])
-    head = f"{plan.model_type} (traced with {plan.traced_with}): {len(plan.sites)} norm layers folded, {len(plan.kept)} kept"
+    merges = sum(1 for s in plan.sites if s.kind == "merge")
+    folded = len(plan.sites) - merges
+    head = f"{plan.model_type} (traced with {plan.traced_with}): {folded} norm layers folded, {len(plan.kept)} kept"
+    if merges:
+        head += f", {merges} blocks of parallel branches merged into one convolution each"
     if not rows:
         return head + "\n(no norm layers)"
     return head + "\n" + _table(["norm layer", "type", "decision", "partner", "reason"], rows)
@@ -145,4 +199,11 @@ def render_report(report: FoldReport) -> str:
         )
         if report.checked == "layers":
             lines.append("checked:    each folded layer on the original's own inputs (not the model's outputs)")
+    if report.merge_weights:
+        before = max(b for _, b, _ in report.merge_weights)
+        after = max(a for _, _, a in report.merge_weights)
+        lines.append(
+            f"merged:     {len(report.merge_weights)} blocks; largest |weight| {before:.3g} in the branches -> "
+            f"{after:.3g} merged (for quantization: see the guide)"
+        )
     return "\n".join(lines)

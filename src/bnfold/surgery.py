@@ -265,12 +265,38 @@ def _fold_output(layer: nn.Module, scale: Tensor, shift: Tensor, layout: Layout,
     _write_bias(layer, scale, shift, undo)
 
 
+def _apply_merge(surgery: Surgery, site: FoldSite) -> None:
+    """The block around merged branches becomes one convolution and the modules after the sum."""
+    from .branches import evaluate
+    from .reparam import MergedConv, build_conv
+
+    if site.merge is None:
+        raise ValueError(f"the plan gives no recipe for the merge of '{site.norm}'")
+    block = surgery.modules[site.norm]
+    form = evaluate(site.merge.recipe, surgery.model, surgery.rules, site.merge.channels, site.merge.dims)
+    first = next(surgery.modules[name] for name in site.partners if _is_conv(surgery.modules[name]))
+    conv = build_conv(form, require_tensor(first, "weight"))
+    post = [(name, block.get_submodule(name)) for name in site.merge.post]
+    pre = [(name, block.get_submodule(name)) for name in site.merge.pre]
+    _replace(surgery.parents, block, MergedConv(conv, post, site.partners, pre), surgery.undo)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def _apply_merged(surgery: Surgery, site: FoldSite) -> None:
+    """A norm inside merged branches: the merge of its block takes it with the block."""
+
+
 # One surgery step per kind of fold: a new kind adds its entry here.
 STEPS: dict[FoldKind, Callable[[Surgery, FoldSite], None]] = {
     "backward": _apply_backward,
     "concat": _apply_concat,
     "forward": _apply_forward,
     "constant": _apply_constant,
+    "merge": _apply_merge,
+    "merged": _apply_merged,
 }
 
 

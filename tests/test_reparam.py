@@ -1,0 +1,484 @@
+"""Structural re-parameterization: parallel branches merged into one convolution, with no per-class code.
+
+Each block is written the way its authors write it; the model runs in float64 so that every merge is
+shown exact to 1e-12, and the convolutions and norms that actually run in one forward pass are counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+
+from helpers import randomize_norms
+
+torch.set_default_dtype(torch.float32)
+
+
+def conv_bn(cin, cout, k, stride=1, padding=0, groups=1, dilation=1, padding_mode="zeros"):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=False, padding_mode=padding_mode),
+        nn.BatchNorm2d(cout),
+    )
+
+
+def running(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(convolutions, norms) that run in one forward pass."""
+    counts = [0, 0]
+
+    def hook(module, args, output):
+        if isinstance(module, nn.modules.conv._ConvNd):
+            counts[0] += 1
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            counts[1] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return counts[0], counts[1]
+
+
+def merge(block: nn.Module, x: torch.Tensor, *, merged: int, runs: tuple[int, int]):
+    """Wrap ``block`` in a model, merge in float64; assert the merges, what runs, and 1e-12 agreement."""
+    model = randomize_norms(nn.Sequential(block)).double().eval()
+    x = x.double()
+    with torch.no_grad():
+        expected = model(x)
+    result = bnfold.fold_with_report(model, x, reparameterize=True)
+    assert result.report.merged == merged, str(result.report.plan)
+    assert running(result.model, x) == runs, str(result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-12, atol=1e-12)
+    return result
+
+
+X = torch.randn(2, 8, 9, 9)
+
+
+# -- blocks as their authors write them -----------------------------------------------------------------
+class RepVGGBlock(nn.Module):
+    """RepVGG (Ding et al.): bn(conv3x3(x)) + bn(conv1x1(x)) + bn(x), then ReLU."""
+
+    def __init__(self, cin, cout, stride=1, groups=1, dilation=1):
+        super().__init__()
+        self.rbr_identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.rbr_dense = conv_bn(cin, cout, 3, stride, dilation, groups, dilation)
+        self.rbr_1x1 = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, inputs):
+        id_out = 0 if self.rbr_identity is None else self.rbr_identity(inputs)
+        return self.nonlinearity(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)
+
+
+@pytest.mark.parametrize(
+    "cin, cout, stride, groups, dilation",
+    [(8, 8, 1, 1, 1), (8, 16, 1, 1, 1), (8, 16, 2, 1, 1), (8, 8, 1, 4, 1), (8, 8, 1, 8, 1), (8, 8, 1, 1, 2)],
+    ids=["identity", "no-identity", "stride-2", "groups", "depthwise", "dilation"],
+)
+def test_repvgg(cin, cout, stride, groups, dilation):
+    result = merge(RepVGGBlock(cin, cout, stride, groups, dilation), X, merged=1, runs=(1, 0))
+    conv = result.model[0].conv
+    assert conv.groups == groups and conv.stride == (stride, stride)  # a depthwise conv stays depthwise
+    assert isinstance(result.model[0], bnfold.MergedConv) and isinstance(result.model[0].post.nonlinearity, nn.ReLU)
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne (Vasu et al.): k over-parameterized kxk conv+BN branches, a 1x1 conv+BN scale branch and an
+    identity BN, summed."""
+
+    def __init__(self, c, k=3, branches=3, groups=1):
+        super().__init__()
+        self.rbr_skip = nn.BatchNorm2d(c)
+        self.rbr_conv = nn.ModuleList(conv_bn(c, c, k, 1, k // 2, groups) for _ in range(branches))
+        self.rbr_scale = conv_bn(c, c, 1, 1, 0, groups)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        identity_out = self.rbr_skip(x)
+        scale_out = self.rbr_scale(x)
+        out = scale_out + identity_out
+        for conv in self.rbr_conv:
+            out += conv(x)
+        return self.act(out)
+
+
+def test_mobileone_dense_and_depthwise():
+    merge(MobileOneBlock(8), X, merged=1, runs=(1, 0))
+    result = merge(MobileOneBlock(8, groups=8), X, merged=1, runs=(1, 0))
+    assert result.model[0].conv.groups == 8
+
+
+class ACBlock(nn.Module):
+    """ACNet (Ding et al.): 3x3 + 3x1 + 1x3, each with its BN."""
+
+    def __init__(self, c, padding_mode="zeros"):
+        super().__init__()
+        self.square = conv_bn(c, c, 3, 1, 1, padding_mode=padding_mode)
+        self.ver = conv_bn(c, c, (3, 1), 1, (1, 0), padding_mode=padding_mode)
+        self.hor = conv_bn(c, c, (1, 3), 1, (0, 1), padding_mode=padding_mode)
+
+    def forward(self, x):
+        return self.square(x) + self.ver(x) + self.hor(x)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_acnet(padding_mode):
+    result = merge(ACBlock(8, padding_mode), X, merged=1, runs=(1, 0))
+    assert result.model[0].conv.padding_mode == padding_mode
+
+
+class DiverseBranchBlock(nn.Module):
+    """DBB (Ding et al.): kxk, 1x1, 1x1 -> kxk and 1x1 -> average pool branches."""
+
+    def __init__(self, c, k=3):
+        super().__init__()
+        self.dbb_origin = conv_bn(c, c, k, 1, k // 2)
+        self.dbb_1x1 = conv_bn(c, c, 1)
+        # 1x1 without bias, then a zero-padded kxk: exact (no bias reaches the padded zeros)
+        self.dbb_1x1_kxk = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), conv_bn(c, c, k, 1, k // 2))
+        self.dbb_avg = nn.Sequential(
+            nn.Conv2d(c, c, 1, bias=False), nn.AvgPool2d(k, 1, k // 2, count_include_pad=True), nn.BatchNorm2d(c)
+        )
+
+    def forward(self, inputs):
+        return self.dbb_origin(inputs) + self.dbb_1x1(inputs) + self.dbb_1x1_kxk(inputs) + self.dbb_avg(inputs)
+
+
+def test_diverse_branch_block():
+    merge(DiverseBranchBlock(8), X, merged=1, runs=(1, 0))
+
+
+class RepViTMixer(nn.Module):
+    """RepViT's RepVGGDW: bn(dw3x3_bn(x) + dw1x1(x) + x)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = conv_bn(c, c, 3, 1, 1, groups=c)
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn((self.conv(x) + self.conv1(x)) + x)
+
+
+def test_repvit_mixer():
+    result = merge(RepViTMixer(8), X, merged=1, runs=(1, 0))
+    assert result.model[0].conv.groups == 8
+
+
+class RepMixer(nn.Module):
+    """FastViT's RepMixer: x + gamma * (mixer(x) - norm(x)), the mixer a depthwise conv+BN with an identity
+    BN, the norm an identity BN."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(c)
+        self.mixer_conv = conv_bn(c, c, 3, 1, 1, groups=c)
+        self.mixer_skip = nn.BatchNorm2d(c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x + self.layer_scale * (self.mixer_conv(x) + self.mixer_skip(x) - self.norm(x))
+
+
+def test_fastvit_repmixer():
+    merge(RepMixer(8), X, merged=1, runs=(1, 0))
+
+
+class PPYoloERepConv(nn.Module):
+    """PP-YOLOE's RepVggBlock with a learnable alpha: act(conv3_bn(x) + alpha * conv1_bn(x))."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = conv_bn(c, c, 3, 1, 1)
+        self.conv2 = conv_bn(c, c, 1)
+        self.alpha = nn.Parameter(torch.tensor(0.7))
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.conv1(x) + self.alpha * self.conv2(x))
+
+
+def test_ppyoloe_alpha():
+    merge(PPYoloERepConv(8), X, merged=1, runs=(1, 0))
+
+
+class YoloRepConv(nn.Module):
+    """YOLOv6/v7 RepConv with groups: act(bn(conv3x3) + bn(conv1x1) + bn(x)) (YOLOv7's own fuse builds
+    the identity kernel with fill_diagonal_, which is wrong for groups > 1)."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.rbr_identity = nn.BatchNorm2d(c)
+        self.rbr_dense = conv_bn(c, c, 3, 1, 1, groups)
+        self.rbr_1x1 = conv_bn(c, c, 1, 1, 0, groups)
+        self.act = nn.SiLU()
+
+    def forward(self, inputs):
+        return self.act(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + self.rbr_identity(inputs))
+
+
+def test_yolo_repconv_with_groups():
+    merge(YoloRepConv(8, 2), X, merged=1, runs=(1, 0))
+
+
+class UltralyticsConv2(nn.Module):
+    """ultralytics Conv2: act(bn(conv3x3(x) + conv1x1(x)))."""
+
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, 3, 1, 1, bias=False)
+        self.cv2 = nn.Conv2d(c1, c2, 1, 1, 0, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x) + self.cv2(x)))
+
+
+def test_ultralytics_conv2():
+    merge(UltralyticsConv2(8, 16), X, merged=1, runs=(1, 0))
+
+
+def test_conv1d_and_conv3d_branches():
+    class Block1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv1d(4, 4, 5, padding=2), nn.BatchNorm1d(4))
+            self.b = nn.Sequential(nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4))
+
+        def forward(self, x):
+            return self.a(x) - self.b(x)
+
+    merge(Block1d(), torch.randn(2, 4, 11), merged=1, runs=(1, 0))
+
+    class Block3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4))
+            self.b = nn.BatchNorm3d(4)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    merge(Block3d(), torch.randn(2, 4, 5, 5, 5), merged=1, runs=(1, 0))
+
+
+# -- what must not merge --------------------------------------------------------------------------------
+def kept(block: nn.Module, x: torch.Tensor = X, *, reason: str):
+    model = randomize_norms(nn.Sequential(block)).double().eval()
+    x = x.double()
+    with torch.no_grad():
+        expected = model(x)
+    result = bnfold.fold_with_report(model, x, reparameterize=True)
+    assert result.report.merged == 0, str(result.report.plan)
+    reasons = " | ".join(k.reason for k in result.report.plan.kept)
+    assert reason in reasons, reasons
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-10, atol=1e-10)
+    return result
+
+
+def test_branch_read_elsewhere_is_not_merged():
+    class Leak(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            a = self.a(x)
+            return a + self.b(x), a.mean()
+
+    result = kept(Leak(), reason="")
+    assert result.report.folded == 2  # each norm still folds into its own conv
+
+
+def test_different_strides_are_not_merged():
+    class Strides(nn.Module):  # 9x9 -> 5x5 both ways: a 3x3 with stride 2, a 5x5 with stride 1
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 2, 1), conv_bn(8, 8, 5)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    kept(Strides(), reason="different strides")
+
+
+def test_activation_on_a_branch_is_not_merged():
+    class Act(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return torch.relu(self.a(x)) + self.b(x)
+
+    result = bnfold.fold_with_report(randomize_norms(nn.Sequential(Act())).eval(), X, reparameterize=True)
+    assert result.report.merged == 0 and result.report.folded == 2  # the norms still fold into their convs
+
+
+def test_mixed_padding_modes_are_not_merged():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv_bn(8, 8, 3, 1, 1, padding_mode="reflect")
+            self.b = conv_bn(8, 8, (3, 1), 1, (1, 0))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    kept(Mixed(), reason="pad in different ways")
+
+
+def test_average_pool_that_does_not_count_padding_is_not_merged():
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv_bn(8, 8, 3, 1, 1)
+            self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+        def forward(self, x):
+            return self.a(x) + self.pool(x)
+
+    result = bnfold.fold_with_report(randomize_norms(nn.Sequential(Pool())).eval(), X, reparameterize=True)
+    assert result.report.merged == 0
+
+
+def test_biased_1x1_before_zero_padded_kxk_is_not_merged():
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv_bn(8, 8, 3, 1, 1)
+            self.b = nn.Sequential(nn.Conv2d(8, 8, 1, bias=True), conv_bn(8, 8, 3, 1, 1))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    kept(Biased(), reason="padded zeros would not carry the bias")
+
+
+def test_norm_in_training_mode_is_not_merged():
+    block = RepVGGBlock(8, 8)
+    model = randomize_norms(nn.Sequential(block)).eval()
+    block.rbr_identity.train()
+    result = bnfold.fold_with_report(model, X, reparameterize=True)
+    assert result.report.merged == 0
+
+
+def test_conv_shared_with_code_outside_the_block_is_not_merged():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = RepVGGBlock(8, 8)
+
+        def forward(self, x):
+            return self.block(x) + self.block.rbr_dense[0](x)
+
+    result = bnfold.fold_with_report(randomize_norms(Outer()).eval(), X, reparameterize=True)
+    assert result.report.merged == 0
+    assert any("called 2 times" in k.reason for k in result.report.plan.kept), str(result.report.plan)
+
+
+def test_block_that_does_more_than_the_branches_is_kept_with_the_reason():
+    class More(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            y = self.a(x) + self.b(x)
+            return y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+
+    kept(More(), reason="also computes")
+
+
+# -- the API --------------------------------------------------------------------------------------------
+def test_off_by_default_and_the_reason_says_what_it_would_do():
+    model = randomize_norms(nn.Sequential(RepVGGBlock(8, 8))).eval()
+    plan = bnfold.plan(model, X)
+    assert not any(s.kind == "merge" for s in plan.sites)
+    (identity,) = [k for k in plan.kept if k.norm == "0.rbr_identity"]
+    assert "reparameterize=True would merge it" in identity.reason
+    merged = bnfold.plan(model, X, reparameterize=True)
+    (site,) = [s for s in merged.sites if s.kind == "merge"]
+    assert site.norm == "0" and "0.rbr_identity" in site.partners and site.merge.result == "Conv2d(8 -> 8, 3x3)"
+    assert "=> Conv2d(8 -> 8, 3x3)" in str(merged)
+
+
+def test_needs_example_inputs():
+    with pytest.raises(ValueError, match="reparameterize=True needs example_inputs"):
+        bnfold.fold(nn.Sequential(RepVGGBlock(8, 8)).eval(), reparameterize=True)
+
+
+def test_same_structure_for_a_fresh_model_so_a_state_dict_loads():
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 16, stride=2))).eval()
+    folded = bnfold.fold(model, X, reparameterize=True)
+    fresh = bnfold.fold(nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 16, stride=2)).eval(), X, reparameterize=True)
+    fresh.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+def test_in_place_and_twice():
+    model = randomize_norms(nn.Sequential(RepVGGBlock(8, 8))).eval()
+    with torch.no_grad():
+        expected = model(X)
+    same = bnfold.fold(model, X, inplace=True, reparameterize=True)
+    assert same is model and isinstance(model[0], bnfold.MergedConv)
+    again = bnfold.fold_with_report(model, X, reparameterize=True)
+    assert again.report.merged == 0 and again.report.folded == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_check_covers_merges():
+    model = randomize_norms(nn.Sequential(RepVGGBlock(8, 8), MobileOneBlock(8))).eval()
+    result = bnfold.fold_with_report(model, X, reparameterize=True, verify="layers")
+    assert result.report.checked == "layers" and result.report.merged == 2
+
+
+# -- real architectures ---------------------------------------------------------------------------------
+TIMM_REPARAM = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m1", "repghostnet_050"]
+
+
+@pytest.mark.parametrize("name", TIMM_REPARAM)
+def test_timm_no_more_convs_and_norms_run_than_after_its_own_reparameterize(name):
+    import copy
+
+    import timm
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    timms = running(reparameterize_model(copy.deepcopy(model)), x)
+    with torch.no_grad():
+        expected = model(x)
+    result = bnfold.fold_with_report(model, x, reparameterize=True)  # never calls reparameterize_model
+    ours = running(result.model, x)
+    assert ours[0] <= timms[0] and ours[1] <= timms[1], (ours, timms)
+    assert result.report.merged > 0
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_report_lists_each_merge_with_its_largest_weights():
+    model = randomize_norms(nn.Sequential(RepVGGBlock(8, 8), MobileOneBlock(8))).eval()
+    report = bnfold.fold_with_report(model, X, reparameterize=True).report
+    data = report.to_dict()
+    assert data["merged"] == 2 and [m["block"] for m in data["merges"]] == ["0", "1"]
+    first = data["merges"][0]
+    assert first["result"] == "Conv2d(8 -> 8, 3x3)" and "0.rbr_identity" in first["branches"]
+    branches = max(
+        float(model[0].rbr_dense[0].weight.detach().abs().max()), float(model[0].rbr_1x1[0].weight.detach().abs().max())
+    )
+    assert first["largest_weight_before"] == pytest.approx(branches)
+    assert first["largest_weight_after"] > 0
+    text = str(report)
+    assert "2 blocks of parallel branches merged" in text and "largest |weight|" in text
