@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .plan import FoldPlan
 
-__all__ = ["FoldReport", "model_size", "plan_rows", "render_plan", "render_report"]
+__all__ = ["FoldReport", "model_size", "plan_rows", "render_plan", "render_report", "wrap_field"]
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
@@ -100,27 +101,53 @@ def plan_rows(plan: FoldPlan) -> list[dict[str, Any]]:
 _ARROWS = {"backward": "<-", "forward": "->"}
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(header: list[str], rows: list[list[str]], width: int | None = None) -> str:
+    """An aligned table; with ``width``, the last column wraps so that lines fit (when the others leave room)."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
+    if width is not None:
+        room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+        widths[-1] = max(min(widths[-1], room), min(widths[-1], _MIN_WRAP))
+    lines = []
+    for row in [header, *rows]:
+        last = textwrap.wrap(row[-1], widths[-1], break_long_words=False, break_on_hyphens=False) or [""]
+        cells = row[:-1]
+        for i, piece in enumerate(last):
+            shown = cells if i == 0 else [""] * len(cells)
+            lines.append("  ".join(c.ljust(w) for c, w in zip([*shown, piece], widths, strict=True)).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def render_plan(plan: FoldPlan) -> str:
-    """The plan as an aligned table: one row per norm layer, then the totals."""
+# the narrowest the reason column wraps to, however long the names before it
+_MIN_WRAP = 20
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def render_plan(plan: FoldPlan, *, width: int | None = None, planned: bool = False) -> str:
+    """The plan as an aligned table: one row per norm layer, then the totals. ``width`` wraps the reasons to
+    that many columns; ``planned`` words the decisions as what would happen (a dry run)."""
+    fold, keep = ("fold", "keep") if planned else ("folded", "kept")
     rows = []
     for row in plan.rows:
         reason = getattr(row, "reason", None)
+        decision = {"folded": fold, "kept": keep}.get(row.decision, row.decision)
         if reason is None:
             arrow = _ARROWS[getattr(row, "direction", "backward")]
-            rows.append([row.norm, row.norm_type, row.decision, f"{arrow} {row.partner}", ""])
+            rows.append([row.norm, row.norm_type, decision, f"{arrow} {row.partner}", ""])
         else:
-            rows.append([row.norm, row.norm_type, row.decision, row.partner or "", reason])
-    head = f"{plan.model_type} (traced with {plan.traced_with}): {len(plan.sites)} norm layers folded, {len(plan.kept)} kept"
+            rows.append([row.norm, row.norm_type, decision, row.partner or "", reason])
+    norms = _count(len(plan.sites), "norm layer")
+    if planned:
+        totals = f"dry run, nothing changed: {norms} would be folded, {len(plan.kept)} kept"
+    else:
+        totals = f"{norms} folded, {len(plan.kept)} kept"
+    head = f"{plan.model_type} (traced with {plan.traced_with}): {totals}"
     if not rows:
         return head + "\n(no norm layers)"
-    return head + "\n" + _table(["norm layer", "type", "decision", "partner", "reason"], rows)
+    return head + "\n" + _table(["norm layer", "type", "decision", "partner", "reason"], rows, width)
 
 
 def _size(n: int) -> str:
@@ -132,9 +159,21 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def render_report(report: FoldReport) -> str:
-    """The plan table followed by size and error totals."""
-    lines = [render_plan(report.plan), ""]
+def wrap_field(line: str, width: int | None, indent: int = 12) -> str:
+    """A ``label:      text`` line (the label padded to ``indent``) wrapped to ``width``, under its text.
+
+    >>> print(wrap_field("note:       one two three", 20))
+    note:       one two
+                three
+    """
+    if width is None or len(line) <= width:
+        return line
+    return textwrap.fill(line, width, subsequent_indent=" " * indent, break_long_words=False, break_on_hyphens=False)
+
+
+def render_report(report: FoldReport, *, width: int | None = None) -> str:
+    """The plan table (reasons wrapped to ``width`` columns) followed by size and error totals."""
+    lines = [render_plan(report.plan, width=width), ""]
     lines.append(f"parameters: {report.parameters_before:,} -> {report.parameters_after:,}")
     lines.append(f"size:       {_size(report.bytes_before)} -> {_size(report.bytes_after)}")
     if report.max_abs_error is None:
@@ -145,4 +184,4 @@ def render_report(report: FoldReport) -> str:
         )
         if report.checked == "layers":
             lines.append("checked:    each folded layer on the original's own inputs (not the model's outputs)")
-    return "\n".join(lines)
+    return "\n".join([lines[0], *(wrap_field(line, width) for line in lines[1:])])
