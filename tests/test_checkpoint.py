@@ -165,6 +165,15 @@ def test_a_checkpoint_without_record_says_so(tmp_path, resnet_checkpoint):
         bnfold.load_folded(torchvision.models.resnet18(weights=None).eval(), plain)
 
 
+def test_saving_needs_the_unfolded_architecture(tmp_path):
+    model = torchvision.models.resnet18(weights=None).eval()
+    folded = bnfold.fold(model, torch.randn(1, 3, 32, 32), inplace=True)
+    with pytest.raises(ValueError, match="got the folded model itself .folded with inplace=True.."):
+        bnfold.save_folded(folded, tmp_path / "f.pt", original=folded)
+    bnfold.save_folded(folded, tmp_path / "f.pt", original=torchvision.models.resnet18(weights=None))
+    bnfold.load_folded(torchvision.models.resnet18(weights=None), tmp_path / "f.pt")
+
+
 def test_bad_arguments(tmp_path, resnet_checkpoint):
     with pytest.raises(TypeError, match="expects a torch.nn.Module as its first argument, got str .build the"):
         bnfold.load_folded(str(resnet_checkpoint), torchvision.models.resnet18())  # type: ignore[arg-type]

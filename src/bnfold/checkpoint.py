@@ -82,7 +82,22 @@ def recorded(
 ) -> type[nn.Module]:
     """Let records name ``cls``. A class of bnfold's own defines ``to_record(self) -> dict`` and a classmethod
     ``from_record(cls, spec, replaced) -> module``, and is registered with ``@recorded``; a class bnfold does not
-    own (``nn.Identity``) is registered with the two functions. Returns ``cls``, so it works as a decorator."""
+    own (``nn.Identity``) is registered with the two functions. Returns ``cls``, so it works as a decorator.
+
+    >>> @recorded
+    ... class Gate(nn.Module):
+    ...     def __init__(self, channels: int) -> None:
+    ...         super().__init__()
+    ...         self.channels = channels
+    ...     def to_record(self) -> dict:
+    ...         return {"channels": self.channels}
+    ...     @classmethod
+    ...     def from_record(cls, spec: dict, replaced: nn.Module) -> "Gate":
+    ...         return cls(spec["channels"])
+    >>> _RECORDED["Gate"].from_record({"channels": 4}, nn.Identity()).channels
+    4
+    >>> del _RECORDED["Gate"]
+    """
     to_record = to_record or getattr(cls, "to_record", None)
     from_record = from_record or getattr(cls, "from_record", None)
     if to_record is None or from_record is None:
@@ -385,6 +400,11 @@ def save_folded(folded: nn.Module, path: str | Path, *, original: nn.Module) -> 
     if not isinstance(folded, nn.Module) or not isinstance(original, nn.Module):
         raise TypeError(
             f"save_folded() expects torch.nn.Modules, got {type(folded).__name__} and {type(original).__name__}"
+        )
+    if original is folded:
+        raise ValueError(
+            "save_folded() needs the unfolded architecture as original=, but got the folded model itself (folded "
+            "with inplace=True?); pass a freshly built model of the same architecture"
         )
     path = _check_path(path, "path")
     if not path.parent.is_dir():

@@ -170,12 +170,13 @@ def _check_model_argument(args: argparse.Namespace) -> None:
                 f"unknown model source '{library}' in '{args.model}'; use torchvision:<name> or timm:<name>",
                 ExitCode.USAGE,
             )
-        if _looks_like_a_name(args.model):
-            found = libraries_with(args.model)
-            if found:
-                hint = f"did you mean {' or '.join(found)}?"
-            else:
-                hint = "architecture names take their library: torchvision:<name> or timm:<name>"
+        found = libraries_with(args.model) if _looks_like_a_name(args.model) else []
+        if found or (_looks_like_a_name(args.model) and not path.suffix):
+            hint = (
+                f"did you mean {' or '.join(found)}?"
+                if found
+                else "architecture names take their library: torchvision:<name> or timm:<name>"
+            )
             raise CliError(
                 f"'{args.model}' is not a file, and names no architecture on its own; {hint}", ExitCode.USAGE
             )

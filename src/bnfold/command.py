@@ -157,7 +157,7 @@ def _ort(error: BaseException) -> str:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def _width(stdout: IO[str]) -> int:
+def _width() -> int:
     """Columns to wrap the report to: the terminal's (or $COLUMNS), 80 when it is not a terminal."""
     return shutil.get_terminal_size((80, 24)).columns
 
@@ -197,20 +197,24 @@ def _write_outputs(
                     staged = outputs.stage(args.onnx)
                     _export_onnx(folded, example, staged)
                     onnx_result = _check_onnx(folded, example, staged, args.onnx)
+            if onnx_result is not None and onnx_result.get("checked") and not onnx_result.get("ok"):
+                raise CliError(
+                    f"the ONNX model's outputs differ from PyTorch's by {onnx_result['max_abs_error']:.3g} (in "
+                    f"{onnx_result.get('dtype')}), so nothing was written",
+                    ExitCode.OUTPUT,
+                )
+            outputs.commit()
+        except CliError:
+            raise
         except CheckpointError as error:
-            raise CliError(f"could not write '{args.output}': {error}", ExitCode.OUTPUT) from error
+            raise CliError(
+                f"could not write '{args.output}', so nothing was written: {error}", ExitCode.OUTPUT
+            ) from error
         except Exception as error:
             raise CliError(
                 f"could not write the outputs, so none was written: {type(error).__name__}: {clean_message(error)}",
                 ExitCode.OUTPUT,
             ) from error
-        if onnx_result is not None and onnx_result.get("checked") and not onnx_result.get("ok"):
-            raise CliError(
-                f"the ONNX model's outputs differ from PyTorch's by {onnx_result['max_abs_error']:.3g} (in "
-                f"{onnx_result.get('dtype')}), so nothing was written",
-                ExitCode.OUTPUT,
-            )
-        outputs.commit()
         return [str(p) for p in outputs.committed], onnx_result
 
 
@@ -218,7 +222,7 @@ def execute(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     """Run the command; ``args`` passed bnfold.cli.validate."""
     progress = Progress(stderr, enabled=not args.quiet)
     colour = stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ and not args.json
-    width = _width(stdout)
+    width = _width()
 
     dtype = _DTYPES[args.dtype]
     try:
