@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -46,3 +48,58 @@ class Amplifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.bn(self.conv(x)) * 1e6)
+
+
+class OnePair(nn.Module):
+    """A single foldable pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class ReluBetween(nn.Module):
+    """``bn(torch.relu(conv(x)))``: the norm stays, and its reason names ``torch.relu``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.relu(self.conv(x)))
+
+
+class NoExport(OnePair):
+    """Folds and runs, but refuses to be exported to ONNX."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError("this model cannot be exported")
+        return super().forward(x)
+
+
+class ExportsSomethingElse(OnePair):
+    """Computes something else while being exported, so the exported file gives other outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y * 2 + 1 if torch.onnx.is_in_onnx_export() else y
+
+
+class Jittery(OnePair):
+    """Every other call takes 20 ms longer: run times too spread out to trust."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % 2:
+            time.sleep(0.02)
+        return super().forward(x)

@@ -81,9 +81,9 @@ class RepVGGBlock(nn.Module):
 )
 def test_repvgg(cin, cout, stride, groups, dilation):
     result = merge(RepVGGBlock(cin, cout, stride, groups, dilation), X, merged=1, runs=(1, 0))
-    conv = result.model[0].conv
+    conv = result.model[0].merged_conv
     assert conv.groups == groups and conv.stride == (stride, stride)  # a depthwise conv stays depthwise
-    assert isinstance(result.model[0], bnfold.MergedConv) and isinstance(result.model[0].post.nonlinearity, nn.ReLU)
+    assert isinstance(result.model[0], bnfold.MergedConv) and isinstance(result.model[0].nonlinearity, nn.ReLU)
 
 
 class MobileOneBlock(nn.Module):
@@ -109,7 +109,7 @@ class MobileOneBlock(nn.Module):
 def test_mobileone_dense_and_depthwise():
     merge(MobileOneBlock(8), X, merged=1, runs=(1, 0))
     result = merge(MobileOneBlock(8, groups=8), X, merged=1, runs=(1, 0))
-    assert result.model[0].conv.groups == 8
+    assert result.model[0].merged_conv.groups == 8
 
 
 class ACBlock(nn.Module):
@@ -128,7 +128,7 @@ class ACBlock(nn.Module):
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
 def test_acnet(padding_mode):
     result = merge(ACBlock(8, padding_mode), X, merged=1, runs=(1, 0))
-    assert result.model[0].conv.padding_mode == padding_mode
+    assert result.model[0].merged_conv.padding_mode == padding_mode
 
 
 class DiverseBranchBlock(nn.Module):
@@ -167,7 +167,7 @@ class RepViTMixer(nn.Module):
 
 def test_repvit_mixer():
     result = merge(RepViTMixer(8), X, merged=1, runs=(1, 0))
-    assert result.model[0].conv.groups == 8
+    assert result.model[0].merged_conv.groups == 8
 
 
 class RepMixer(nn.Module):
@@ -482,3 +482,40 @@ def test_report_lists_each_merge_with_its_largest_weights():
     assert first["largest_weight_after"] > 0
     text = str(report)
     assert "2 blocks of parallel branches merged" in text and "largest |weight|" in text
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_merged_checkpoint_loads_in_one_call(tmp_path, suffix):
+    def build():
+        return nn.Sequential(RepVGGBlock(8, 8), MobileOneBlock(8), RepGhostLike(8)).eval()
+
+    torch.manual_seed(0)
+    model = randomize_norms(build())
+    folded = bnfold.fold(model, X, reparameterize=True)
+    path = tmp_path / f"deploy{suffix}"
+    bnfold.save_folded(folded, path, original=model)
+    fresh = bnfold.load_folded(build(), path)  # no example inputs, no tracing
+    assert [type(m).__name__ for m in fresh] == ["MergedConv"] * 3
+    assert isinstance(fresh[2].primary, nn.Sequential)  # the modules before the branches, by their names
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+class RepGhostLike(nn.Module):
+    """RepGhost's module: a primary conv, then a depthwise conv+BN summed with a BN of the same tensor."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.primary = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.cheap = conv_bn(c, c, 3, 1, 1, groups=c)
+        self.fusion_bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return self.relu(self.cheap(x1) + self.fusion_bn(x1))
+
+
+def test_modules_before_the_branches_stay_in_front_of_the_merged_conv():
+    result = merge(RepGhostLike(8), X, merged=1, runs=(2, 0))  # the primary conv's norm folds into it
+    assert result.model[0].pre_names == ("primary",) and result.model[0].post_names == ("relu",)

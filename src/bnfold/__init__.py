@@ -6,23 +6,48 @@ exactly and safely, in any PyTorch model.
 >>> folded = bnfold.fold(model, torch.randn(1, 3, 16, 16))
 """
 
-from .api import BN_Folder, FoldResult, fold, fold_with_report, plan
-from .errors import BnfoldError, FoldError, TraceError, VerificationError
-from .latency import Latency, compare_latency
-from .layers import LayerRule
-from .norms import NormRule
-from .plan import FoldPlan, FoldSite, KeptNorm
-from .reparam import MergedConv
-from .report import FoldReport
-from .rules import FoldRule
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The public API, imported on first use: importing torch takes seconds, and the command line answers
+# --help, --version and argument errors without it.
+_EXPORTS = {
+    "fold": "api",
+    "plan": "api",
+    "fold_with_report": "api",
+    "FoldResult": "api",
+    "BN_Folder": "api",
+    "FoldPlan": "plan",
+    "FoldSite": "plan",
+    "KeptNorm": "plan",
+    "FoldReport": "report",
+    "FoldRule": "rules",
+    "NormRule": "norms",
+    "LayerRule": "layers",
+    "MergedConv": "reparam",
+    "compare_latency": "latency",
+    "Latency": "latency",
+    "save_folded": "checkpoint",
+    "load_folded": "checkpoint",
+    "BnfoldError": "errors",
+    "TraceError": "errors",
+    "FoldError": "errors",
+    "VerificationError": "errors",
+    "CheckpointError": "errors",
+}
 
 __all__ = [
     "fold",
     "plan",
     "fold_with_report",
     "FoldResult",
+    "BN_Folder",
     "FoldPlan",
     "FoldSite",
     "KeptNorm",
@@ -32,11 +57,58 @@ __all__ = [
     "LayerRule",
     "compare_latency",
     "Latency",
-    "BN_Folder",
     "MergedConv",
+    "save_folded",
+    "load_folded",
     "BnfoldError",
     "TraceError",
     "FoldError",
     "VerificationError",
+    "CheckpointError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .api import BN_Folder, FoldResult, fold, fold_with_report, plan
+    from .checkpoint import load_folded, save_folded
+    from .errors import BnfoldError, CheckpointError, FoldError, TraceError, VerificationError
+    from .latency import Latency, compare_latency
+    from .layers import LayerRule
+    from .norms import NormRule
+    from .plan import FoldPlan, FoldSite, KeptNorm
+    from .reparam import MergedConv
+    from .report import FoldReport
+    from .rules import FoldRule
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        if name.startswith("_"):
+            raise AttributeError(f"module 'bnfold' has no attribute '{name}'")
+        try:  # a submodule, as after ``import bnfold.testing``
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'bnfold' has no attribute '{name}'") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """The package: importing a submodule that shares a public name (``bnfold.plan``) must not replace the
+    function of that name, as the import system would by setting the attribute."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -251,7 +251,7 @@ def _fold(
             abs_error, rel_error = 0.0, 0.0
     params_after, bytes_after = model_size(target)
     merge_weights = tuple(
-        (block, before, largest_weight(target, (f"{block}.conv",))) for block, before in weights_before.items()
+        (block, before, largest_weight(target, (f"{block}.merged_conv",))) for block, before in weights_before.items()
     )
     report = FoldReport(
         found,

@@ -150,27 +150,54 @@ def _fold_into_cat(norm: nn.Module, call: Call, cat: Call, ctx: PlanContext) -> 
     layers: list[nn.Module] = []
     slices: list[tuple[int, int]] = []
     total = channels = 0
+    # every input that stops the fold, so that the reason names them all (DenseNet reads many)
+    not_layers: list[str] = []
+    shared: list[str] = []
+    wrong_axis: list[str] = []
+    problems: list[str] = []
     for part in parts:
         index = graph.producer.get(part.key)
         source = graph.calls[index] if index is not None else None
         if source is None or source.kind != "module" or source.module is None:
-            where = "a model input" if source is None or source.kind == "input" else f"'{source.target}'"
-            names = ", ".join(_part_names(parts, ctx))
-            raise Kept(f"{what} of {names}, and one of its inputs comes from {where}, not from a layer")
+            not_layers.append("a model input" if source is None or source.kind == "input" else f"'{source.target}'")
+            continue
         layer, name = source.module, ctx.name(source.module)
-        rule = rule_for(layer, norm, "backward", ctx)
+        if ctx.rules.rule_for(layer, norm, "backward") is None:
+            not_layers.append(f"'{name}' ({layer_type(layer).__name__})")
+            continue
+        try:
+            rule = rule_for(layer, norm, "backward", ctx)
+        except Kept as keep:
+            problems.append(keep.reason)
+            continue
         if graph.consumers.get(part.key, []) != [cat.index] or len(source.outputs) != 1 or layer in layers:
-            raise Kept(f"{what}, and the output of '{name}' is also used elsewhere", name)
+            shared.append(f"'{name}'")
+            continue
         out_ndim = source.output_ndims[0]
         axis = rule.channel_axis(norm, in_ndim)
         layout = rule.weight_layout
         if out_ndim != in_ndim or dim % in_ndim != axis or channel_axis(layer, layout, out_ndim) != axis:
-            raise Kept(f"{what} along axis {dim}, not along the channels of '{name}'", name)
+            wrong_axis.append(f"'{name}'")
+            continue
         layers.append(layer)
         width = out_channels(layer, layout)
         slices.append((total, total + width))
         total += width
         channels = rule.affine(norm)[0].numel()
+    if not_layers:
+        verb = "is not a layer" if len(not_layers) == 1 else "are not layers"
+        problems.insert(0, f"{_listed(not_layers)} {verb} it can fold into")
+    if shared:
+        outputs, verb = ("the output", "is") if len(shared) == 1 else ("the outputs", "are")
+        problems.append(f"{outputs} of {_listed(shared)} {verb} also read elsewhere")
+    if wrong_axis:
+        problems.append(f"it concatenates along axis {dim}, not along the channels of {_listed(wrong_axis)}")
+    if problems:
+        count = f"{len(parts)} tensor{'s' if len(parts) != 1 else ''}"
+        raise Kept(
+            f"{what} of {count}, and folds into each only when it is a layer's output that nothing else reads: "
+            + "; ".join(problems)
+        )
     if channels != total:
         raise Kept(f"{what} of {total} channels, but it has {channels}")
     return FoldSite(
@@ -183,11 +210,10 @@ def _fold_into_cat(norm: nn.Module, call: Call, cat: Call, ctx: PlanContext) -> 
     )
 
 
-def _part_names(parts: tuple[TensorRef, ...], ctx: PlanContext) -> list[str]:
-    """What produced each input of a torch.cat, for a reason that names them all."""
-    names = []
-    for part in parts:
-        index = ctx.graph.producer.get(part.key)
-        source = ctx.graph.calls[index] if index is not None else None
-        names.append("a model input" if source is None or source.kind == "input" else f"'{source.target}'")
-    return names
+def _listed(names: list[str], shown: int = 3) -> str:
+    """'a', 'b' and 'c'; or 'a', 'b', 'c' and 4 more."""
+    if len(names) == 1:
+        return names[0]
+    if len(names) <= shown:
+        return f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"

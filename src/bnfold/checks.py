@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .classes import layer_type
-from .graph import DataFlowGraph
+from .graph import DataFlowGraph, readable_op_names
 from .layers import channel_axis, output_ranks
 from .norms import tensor_attr
 from .plan import Direction
@@ -22,9 +22,10 @@ class Kept(Exception):  # noqa: N818 - control flow inside the planner, never ra
     """A reason to keep a norm (or constant), with the partner layer it concerns."""
 
     def __init__(self, reason: str, partner: str | None = None) -> None:
+        reason = readable_op_names(reason)
         super().__init__(reason)
         self.reason = reason
-        self.partner = partner
+        self.partner = None if partner is None else readable_op_names(partner)
 
 
 @dataclass

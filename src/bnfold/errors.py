@@ -8,7 +8,21 @@ bnfold's own failures and nothing else.
 
 from __future__ import annotations
 
-__all__ = ["BnfoldError", "TraceError", "FoldError", "VerificationError"]
+import re
+
+__all__ = ["BnfoldError", "TraceError", "FoldError", "VerificationError", "CheckpointError", "clean_message"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def clean_message(error: BaseException | str) -> str:
+    """An error's text without terminal colour codes (torch puts some into its load errors), for messages
+    that quote it.
+
+    >>> clean_message("\\x1b[1mbold\\x1b[0m text")
+    'bold text'
+    """
+    return _ANSI.sub("", str(error)).strip()
 
 
 class BnfoldError(Exception):
@@ -43,3 +57,7 @@ class VerificationError(BnfoldError):
         self.error = error
         self.tolerance = tolerance
         self.layers_match = layers_match
+
+
+class CheckpointError(BnfoldError):
+    """A folded checkpoint cannot be written for this model, or does not fit the model it is loaded into."""

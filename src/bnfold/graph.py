@@ -42,6 +42,7 @@ __all__ = [
     "trace_execution",
     "trace_symbolic",
     "iter_tensors",
+    "readable_op_names",
     "detached_copy",
     "seeded",
     "preserved_buffers",
@@ -183,6 +184,25 @@ def _op_name(func: Callable[..., Any]) -> str:
         attr = getattr(descriptor, "__name__", None)
         name = f"Tensor.{attr}" if attr else name[: -len(".__get__")]
     return name.replace("TensorBase.", "Tensor.")
+
+
+# How PyTorch's internal namespaces are written in its documentation, for messages
+_PUBLIC_NAMES = (
+    ("_VariableFunctionsClass.", "torch."),
+    ("_C._nn.", "torch.nn.functional."),
+    ("_C._special.", "torch.special."),
+)
+
+
+def readable_op_names(text: str) -> str:
+    """``text`` with the op names bnfold records spelled as users write them.
+
+    >>> readable_op_names("its input comes from '_VariableFunctionsClass.relu'")
+    "its input comes from 'torch.relu'"
+    """
+    for internal, public in _PUBLIC_NAMES:
+        text = text.replace(internal, public)
+    return text
 
 
 # Ops that read only a tensor's metadata, never its values: a shape or a dtype does not change when a

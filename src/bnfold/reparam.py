@@ -29,9 +29,9 @@ _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class MergedConv(nn.Module):
-    """What a block of parallel branches became: the modules before the branches inside the block
-    (``pre``), one convolution (``conv``), then the modules after their sum (``post``), each under its
-    own name (dots become underscores)."""
+    """What a block of parallel branches became: the modules before the branches inside the block, one
+    convolution (``merged_conv``), then the modules after their sum. The modules around the branches keep
+    the attribute names they had in the block (so their paths, and their state_dict keys, do not move)."""
 
     def __init__(
         self,
@@ -41,17 +41,65 @@ class MergedConv(nn.Module):
         pre: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         super().__init__()
-        self.pre = nn.Sequential()
-        for name, module in pre or []:
-            self.pre.add_module(name.replace(".", "_"), module)
-        self.conv = conv
-        self.post = nn.Sequential()
-        for name, module in post:
-            self.post.add_module(name.replace(".", "_"), module)
+        for name, module in [*(pre or []), *post]:
+            self.add_module(name, module)
+        self.merged_conv = conv
         self.merged_from = merged_from
+        self.pre_names = tuple(name for name, _ in pre or [])
+        self.post_names = tuple(name for name, _ in post)
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        """The modules of the block it replaced that it keeps, under the same names."""
+        return (*self.pre_names, *self.post_names)
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready description, from which :meth:`from_record` rebuilds this structure."""
+        conv = cast(nn.modules.conv._ConvNd, self.merged_conv)
+        return {
+            "dims": len(conv.kernel_size),
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride),
+            "padding": list(cast(tuple[int, ...], conv.padding)),
+            "dilation": list(conv.dilation),
+            "groups": conv.groups,
+            "padding_mode": conv.padding_mode,
+            "dtype": str(conv.weight.dtype).removeprefix("torch."),
+            "pre": list(self.pre_names),
+            "post": list(self.post_names),
+            "merged_from": list(self.merged_from),
+        }
+
+    @classmethod
+    def from_record(cls, spec: dict[str, Any], replaced: nn.Module) -> MergedConv:
+        """The structure :meth:`to_record` described, on ``replaced`` (the block of a freshly built model):
+        its modules before and after the branches are kept, the convolution is new (its weights load next)."""
+        dims = int(spec["dims"])
+        dtype = getattr(torch, str(spec["dtype"]))
+        conv = cast(Any, _CONV_TYPES[dims])(
+            int(spec["in_channels"]),
+            int(spec["out_channels"]),
+            tuple(spec["kernel_size"]),
+            stride=tuple(spec["stride"]),
+            padding=tuple(spec["padding"]),
+            dilation=tuple(spec["dilation"]),
+            groups=int(spec["groups"]),
+            padding_mode=spec["padding_mode"],
+            dtype=dtype,
+        )
+        pre = [(name, replaced.get_submodule(name)) for name in spec["pre"]]
+        post = [(name, replaced.get_submodule(name)) for name in spec["post"]]
+        return cls(conv, post, tuple(spec["merged_from"]), pre)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.post(self.conv(self.pre(x)))
+        for name in self.pre_names:
+            x = self._modules[name](x)  # type: ignore[misc]  # registered in __init__, never None
+        x = self.merged_conv(x)
+        for name in self.post_names:
+            x = self._modules[name](x)  # type: ignore[misc]  # registered in __init__, never None
+        return x
 
     def extra_repr(self) -> str:
         return f"merged from: {', '.join(self.merged_from)}" if self.merged_from else ""
@@ -145,6 +193,8 @@ def _chains(branches: Branches, block: Span, name: str, ctx: PlanContext) -> tup
         child = ctx.name(step.module)
         if not child.startswith(name + ".") or step.inputs != [current] or len(step.outputs) != 1:
             raise Kept(f"'{name}' applies '{child}' to something other than the chain through its branches", name)
+        if "." in child[len(name) + 1 :]:
+            raise Kept(f"'{name}' calls '{child}', which is not one of its own children, around its branches", name)
         chains[index > last].append(child[len(name) + 1 :])
         current = step.outputs[0]
         index = step.end
@@ -192,8 +242,10 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
                         name, layer_type(module).__name__, (block.name,), (layer_type(block.module).__name__,), "merged"
                     )
                 )
+        survivors = tuple(f"{block.name}.{s}" for s in (*block.pre, *block.post))
         for name, _ in block.module.named_modules(prefix=block.name):
-            ctx.claimed[name] = block.name
+            if not any(name == s or name.startswith(s + ".") for s in survivors):
+                ctx.claimed[name] = block.name  # gone with the block; what survives may still take folds
         ctx.claimed_calls |= found.calls
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .plan import FoldPlan
 
-__all__ = ["FoldReport", "model_size", "largest_weight", "plan_rows", "render_plan", "render_report"]
+__all__ = ["FoldReport", "model_size", "largest_weight", "plan_rows", "render_plan", "render_report", "wrap_field"]
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
@@ -143,38 +144,62 @@ _ARROWS = {"backward": "<-", "forward": "->"}
 _MERGE_ARROW = "=>"  # a block whose branches became one convolution, or a norm merged with it
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(header: list[str], rows: list[list[str]], width: int | None = None) -> str:
+    """An aligned table; with ``width``, the last column wraps so that lines fit (when the others leave room)."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
+    if width is not None:
+        room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+        widths[-1] = max(min(widths[-1], room), min(widths[-1], _MIN_WRAP))
+    lines = []
+    for row in [header, *rows]:
+        last = textwrap.wrap(row[-1], widths[-1], break_long_words=False, break_on_hyphens=False) or [""]
+        cells = row[:-1]
+        for i, piece in enumerate(last):
+            shown = cells if i == 0 else [""] * len(cells)
+            lines.append("  ".join(c.ljust(w) for c, w in zip([*shown, piece], widths, strict=True)).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def render_plan(plan: FoldPlan) -> str:
-    """The plan as an aligned table: one row per norm layer, then the totals."""
+# the narrowest the reason column wraps to, however long the names before it
+_MIN_WRAP = 20
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def render_plan(plan: FoldPlan, *, width: int | None = None, planned: bool = False) -> str:
+    """The plan as an aligned table: one row per norm layer, then the totals. ``width`` wraps the reasons to
+    that many columns; ``planned`` words the decisions as what would happen (a dry run)."""
+    fold, keep = ("fold", "keep") if planned else ("folded", "kept")
     rows = []
     for row in plan.rows:
         reason = getattr(row, "reason", None)
+        decision = {"folded": fold, "kept": keep}.get(row.decision, row.decision)
         merge = getattr(row, "merge", None)
         if reason is None and merge is not None:
             rows.append(
-                [row.norm, row.norm_type, row.decision, f"{_MERGE_ARROW} {merge.result}", f"branches: {row.partner}"]
+                [row.norm, row.norm_type, decision, f"{_MERGE_ARROW} {merge.result}", f"branches: {row.partner}"]
             )
         elif reason is None and getattr(row, "kind", None) == "merged":
-            rows.append([row.norm, row.norm_type, row.decision, f"{_MERGE_ARROW} {row.partner}", ""])
+            rows.append([row.norm, row.norm_type, decision, f"{_MERGE_ARROW} {row.partner}", ""])
         elif reason is None:
             arrow = _ARROWS[getattr(row, "direction", "backward")]
-            rows.append([row.norm, row.norm_type, row.decision, f"{arrow} {row.partner}", ""])
+            rows.append([row.norm, row.norm_type, decision, f"{arrow} {row.partner}", ""])
         else:
-            rows.append([row.norm, row.norm_type, row.decision, row.partner or "", reason])
+            rows.append([row.norm, row.norm_type, decision, row.partner or "", reason])
     merges = sum(1 for s in plan.sites if s.kind == "merge")
-    folded = len(plan.sites) - merges
-    head = f"{plan.model_type} (traced with {plan.traced_with}): {folded} norm layers folded, {len(plan.kept)} kept"
-    if merges:
-        head += f", {merges} blocks of parallel branches merged into one convolution each"
+    norms = _count(len(plan.sites) - merges, "norm layer")
+    blocks = f", {_count(merges, 'block')} of parallel branches merged into one convolution each" if merges else ""
+    if planned:
+        totals = f"dry run, nothing changed: {norms} would be folded, {len(plan.kept)} kept{blocks.replace(' merged', ' would be merged')}"
+    else:
+        totals = f"{norms} folded, {len(plan.kept)} kept{blocks}"
+    head = f"{plan.model_type} (traced with {plan.traced_with}): {totals}"
     if not rows:
         return head + "\n(no norm layers)"
-    return head + "\n" + _table(["norm layer", "type", "decision", "partner", "reason"], rows)
+    return head + "\n" + _table(["norm layer", "type", "decision", "partner", "reason"], rows, width)
 
 
 def _size(n: int) -> str:
@@ -186,9 +211,21 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def render_report(report: FoldReport) -> str:
-    """The plan table followed by size and error totals."""
-    lines = [render_plan(report.plan), ""]
+def wrap_field(line: str, width: int | None, indent: int = 12) -> str:
+    """A ``label:      text`` line (the label padded to ``indent``) wrapped to ``width``, under its text.
+
+    >>> print(wrap_field("note:       one two three", 20))
+    note:       one two
+                three
+    """
+    if width is None or len(line) <= width:
+        return line
+    return textwrap.fill(line, width, subsequent_indent=" " * indent, break_long_words=False, break_on_hyphens=False)
+
+
+def render_report(report: FoldReport, *, width: int | None = None) -> str:
+    """The plan table (reasons wrapped to ``width`` columns) followed by size and error totals."""
+    lines = [render_plan(report.plan, width=width), ""]
     lines.append(f"parameters: {report.parameters_before:,} -> {report.parameters_after:,}")
     lines.append(f"size:       {_size(report.bytes_before)} -> {_size(report.bytes_after)}")
     if report.max_abs_error is None:
@@ -203,7 +240,7 @@ def render_report(report: FoldReport) -> str:
         before = max(b for _, b, _ in report.merge_weights)
         after = max(a for _, _, a in report.merge_weights)
         lines.append(
-            f"merged:     {len(report.merge_weights)} blocks; largest |weight| {before:.3g} in the branches -> "
-            f"{after:.3g} merged (for quantization: see the guide)"
+            f"merged:     {_count(len(report.merge_weights), 'block')}; largest |weight| {before:.3g} in the "
+            f"branches -> {after:.3g} merged (for quantization: see the guide)"
         )
-    return "\n".join(lines)
+    return "\n".join([lines[0], *(wrap_field(line, width) for line in lines[1:])])

@@ -1,6 +1,7 @@
-"""Built-in architectures by name (``torchvision:resnet50``, ``timm:efficientnet_b0``), with random
-weights and nothing downloaded. torchvision and timm are optional: a missing one is a clear error that
-names the extra to install."""
+"""Built-in architectures by name (``torchvision:resnet50``, ``timm:efficientnet_b0``, timm's pretrained
+tags as in ``timm:resnet50.a1_in1k``), with random weights and nothing downloaded. torchvision and timm are
+optional: a missing one is a clear error that names the extra to install. Parsing a name imports neither
+(nor torch)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["ArchitectureError", "NamedModel", "build_named_model", "parse_model_name"]
+__all__ = ["ArchitectureError", "NamedModel", "build_named_model", "parse_model_name", "libraries_with"]
 
 _LIBRARIES = ("torchvision", "timm")
 
@@ -94,10 +96,39 @@ def build_named_model(spec: str, num_classes: int | None = None) -> NamedModel:
             return NamedModel(spec, model, (1, 3, _VIDEO_FRAMES, size, size))
         size = _TORCHVISION_INPUT.get(name, 224)
         return NamedModel(spec, model, (1, 3, size, size))
+    base, _, tag = name.partition(".")
     known = list(lib.list_models())
-    if name not in known:
-        raise _unknown(library, name, known)
+    if base not in known:
+        raise _unknown(library, base, known)
+    if tag:
+        tags = [t.partition(".")[2] for t in lib.list_pretrained(f"{base}.*")]
+        if tag not in tags:
+            close = difflib.get_close_matches(tag, tags, n=5, cutoff=0.4) or tags[:5]
+            hint = f"; its tags include {', '.join(f'{base}.{t}' for t in close)}" if close else " (it has none)"
+            raise ArchitectureError(f"unknown timm tag '{tag}' for {base}{hint}")
+    # a tag selects a pretrained configuration (input size, classes); pretrained=False: its weights stay random
     model = lib.create_model(name, pretrained=False, **extra)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     return NamedModel(spec, model, (1, *input_size))
+
+
+def libraries_with(name: str) -> list[str]:
+    """The installed libraries that know the architecture ``name``, as ``library:name`` specs (for hints).
+
+    >>> "torchvision:resnet18" in libraries_with("resnet18")
+    True
+    """
+    found = []
+    for library in _LIBRARIES:
+        try:
+            lib = importlib.import_module(library)
+        except ImportError:
+            continue
+        if library == "torchvision":
+            known = name in lib.models.list_models()
+        else:  # timm: a name may carry a pretrained tag, resnet50.a1_in1k
+            known = name.partition(".")[0] in lib.list_models()
+        if known:
+            found.append(f"{library}:{name}")
+    return found
