@@ -1,4 +1,5 @@
-"""Shared helpers for the tests: randomized norm statistics and output comparison."""
+"""Shared helpers for the tests: randomized norm statistics, output comparison, and the builders of small
+hand-made models (``Chain`` and ``Model``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from bnfold.nested import leaves
 from bnfold.testing import randomize_norms
 
-__all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold", "Chain"]
+__all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold", "Chain", "Model"]
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,3 +77,28 @@ class Chain(nn.Module):
         for i in range(self.count):
             x = self.funcs[i](x) if i in self.funcs else getattr(self, f"s{i}")(x)
         return x
+
+
+class Model(nn.Module):
+    """A model whose ``forward`` is the given function of the model and its inputs, with ``parts`` registered
+    under their keyword names, in the order given: modules as submodules, ``nn.Parameter``s as parameters,
+    other tensors as buffers, anything else (a function) as a plain attribute. The shared builder for small
+    hand-made models that are more than a chain; a multi-line forward is a local ``def forward(m, x)``:
+
+    ``Model(lambda m, x: m.bn(m.conv(x)) * m.scale, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4),
+    scale=nn.Parameter(torch.rand(4, 1, 1)))``"""
+
+    def __init__(self, forward, /, **parts):
+        super().__init__()
+        # a class of its own whose forward is the function itself: torch.fx (a plan without example inputs)
+        # reads the inputs from the class's forward, and deep copies keep the class
+        self.__class__ = type(type(self).__name__, (type(self),), {"forward": forward})
+        for name, part in parts.items():
+            if isinstance(part, nn.Module):
+                self.add_module(name, part)
+            elif isinstance(part, nn.Parameter):
+                self.register_parameter(name, part)
+            elif isinstance(part, torch.Tensor):
+                self.register_buffer(name, part)
+            else:
+                setattr(self, name, part)

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 
 import bnfold
 
-from helpers import assert_same_state, check_fold, max_rel_diff, randomize_norms, state_snapshot
+from helpers import Model, assert_same_state, check_fold, max_rel_diff, randomize_norms, state_snapshot
 
 
 def small_net() -> nn.Module:
@@ -285,16 +285,10 @@ def test_bn_folder_drop_in():
 
 
 def test_bn_folder_does_not_fold_what_registration_order_gets_wrong():
-    class Wrong(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-            self.bn = nn.BatchNorm2d(3)
-
-        def forward(self, x):
-            return self.conv(self.bn(x))  # registration order says conv -> bn; data flow says bn -> conv
-
-    model = randomize_norms(Wrong()).eval()
+    wrong = Model(  # registration order says conv -> bn; data flow says bn -> conv
+        lambda m, x: m.conv(m.bn(x)), conv=nn.Conv2d(3, 3, 3, padding=1), bn=nn.BatchNorm2d(3)
+    )
+    model = randomize_norms(wrong).eval()
     folded = bnfold.BN_Folder().fold(model)
     assert isinstance(folded.bn, nn.BatchNorm2d)
     with torch.no_grad():
@@ -366,15 +360,10 @@ def test_compare_latency_times_both_models_side_by_side():
 
 
 def test_a_model_failing_without_a_message_is_still_explained():
-    class Picky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            if x.shape[-1] != 32:
-                raise AssertionError
-            return self.conv(x)
+    def picky(m, x):
+        if x.shape[-1] != 32:
+            raise AssertionError
+        return m.conv(x)
 
     with pytest.raises(bnfold.TraceError, match=r"AssertionError: \(no message; often an input of a size"):
-        bnfold.fold(Picky().eval(), torch.randn(1, 3, 16, 16))
+        bnfold.fold(Model(picky, conv=nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 16, 16))

@@ -9,7 +9,7 @@ from torch import nn
 
 import bnfold
 
-from helpers import check_fold, randomize_norms
+from helpers import Model, check_fold, randomize_norms
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -95,67 +95,51 @@ def test_timm_batchnormact_keeps_its_activation_and_dropout():
 
 
 def test_residual_use_of_conv_output_is_kept():
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
+    def forward(m, x):
+        y = m.conv(x)
+        return m.bn(y) + y
 
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y) + y
-
-    result = check_fold(Residual().eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    model = Model(forward, conv=nn.Conv2d(4, 4, 3, padding=1), bn=nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, torch.randn(2, 4, 5, 5), folded=0, kept=1)
     assert "also feeds" in result.report.plan.kept[0].reason
 
 
 def test_second_branch_and_returned_conv_output_are_kept():
-    class TwoBranch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
-            self.conv2 = nn.Conv2d(3, 4, 1)
-            self.bn2 = nn.BatchNorm2d(4)
-            self.other = nn.Conv2d(4, 4, 1)
+    def forward(m, x):
+        y = m.conv(x)
+        z = m.conv2(x)
+        return m.bn(y), m.other(y), m.bn2(z), z
 
-        def forward(self, x):
-            y = self.conv(x)
-            z = self.conv2(x)
-            return self.bn(y), self.other(y), self.bn2(z), z
-
-    check_fold(TwoBranch().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=2)
+    model = Model(
+        forward,
+        conv=nn.Conv2d(3, 4, 1),
+        bn=nn.BatchNorm2d(4),
+        conv2=nn.Conv2d(3, 4, 1),
+        bn2=nn.BatchNorm2d(4),
+        other=nn.Conv2d(4, 4, 1),
+    )
+    check_fold(model.eval(), torch.randn(2, 3, 4, 4), folded=0, kept=2)
 
 
 def test_inplace_op_on_conv_output_before_norm_is_kept():
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
+    def forward(m, x):
+        y = m.conv(x)
+        y.add_(1.0)  # same tensor object, new version: the norm does not see the conv's output
+        return m.bn(y)
 
-        def forward(self, x):
-            y = self.conv(x)
-            y.add_(1.0)  # same tensor object, new version: the norm does not see the conv's output
-            return self.bn(y)
-
-    check_fold(InPlace().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+    model = Model(forward, conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4)).eval()
+    check_fold(model, torch.randn(2, 3, 4, 4), folded=0, kept=1)
 
 
 def test_inplace_op_through_a_view_is_kept():
-    class ViewInPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
+    def forward(m, x):
+        y = m.conv(x)
+        out = m.bn(y)
+        y[:, :2].mul_(2.0)
+        return out, y
 
-        def forward(self, x):
-            y = self.conv(x)
-            out = self.bn(y)
-            y[:, :2].mul_(2.0)
-            return out, y
-
-    check_fold(ViewInPlace().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+    model = Model(forward, conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4)).eval()
+    check_fold(model, torch.randn(2, 3, 4, 4), folded=0, kept=1)
 
 
 def test_inplace_relu_after_the_norm_still_folds():
@@ -170,61 +154,36 @@ def test_inplace_relu_between_conv_and_norm_is_kept():
 
 
 def test_shared_conv_is_kept():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn1 = nn.BatchNorm2d(4)
-            self.bn2 = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return self.bn2(self.conv(self.bn1(self.conv(x))))
-
-    result = check_fold(Shared().eval(), torch.randn(2, 4, 5, 5), folded=0, kept=2)
+    model = Model(
+        lambda m, x: m.bn2(m.conv(m.bn1(m.conv(x)))),
+        conv=nn.Conv2d(4, 4, 3, padding=1),
+        bn1=nn.BatchNorm2d(4),
+        bn2=nn.BatchNorm2d(4),
+    )
+    result = check_fold(model.eval(), torch.randn(2, 4, 5, 5), folded=0, kept=2)
     assert all("called 2 times" in k.reason for k in result.report.plan.kept)
 
 
 def test_shared_norm_is_kept():
-    class SharedNorm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(4, 4, 1)
-            self.b = nn.Conv2d(4, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return self.bn(self.a(x)) + self.bn(self.b(x))
-
-    check_fold(SharedNorm().eval(), torch.randn(2, 4, 3, 3), folded=0, kept=1)
+    model = Model(
+        lambda m, x: m.bn(m.a(x)) + m.bn(m.b(x)), a=nn.Conv2d(4, 4, 1), b=nn.Conv2d(4, 4, 1), bn=nn.BatchNorm2d(4)
+    )
+    check_fold(model.eval(), torch.randn(2, 4, 3, 3), folded=0, kept=1)
 
 
 def test_tied_weights_are_kept():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.b.weight = self.a.weight
-            self.bn = nn.BatchNorm1d(4)
-
-        def forward(self, x):
-            return self.bn(self.a(x)), self.b(x)
-
-    result = check_fold(Tied().eval(), torch.randn(3, 4), folded=0, kept=1)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = Model(lambda m, x: (m.bn(m.a(x)), m.b(x)), a=a, b=b, bn=nn.BatchNorm1d(4))
+    result = check_fold(model.eval(), torch.randn(3, 4), folded=0, kept=1)
     assert "shared with 'b'" in result.report.plan.kept[0].reason
 
 
 def test_weight_used_functionally_elsewhere_is_kept():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return self.bn(self.conv(x)) + F.conv2d(x, self.conv.weight)
-
-    result = check_fold(Functional().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
+    model = Model(
+        lambda m, x: m.bn(m.conv(x)) + F.conv2d(x, m.conv.weight), conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4)
+    )
+    result = check_fold(model.eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
     assert "also used outside" in result.report.plan.kept[0].reason
 
 
@@ -272,18 +231,14 @@ def test_bn_first_child_of_sequential_ending_in_conv_is_not_paired_by_wraparound
 
 
 def test_registration_order_differs_from_execution_order():
-    class Shuffled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn_b = nn.BatchNorm2d(8)  # registered first, runs after conv_b
-            self.conv_a = nn.Conv2d(3, 4, 3)
-            self.bn_a = nn.BatchNorm2d(4)
-            self.conv_b = nn.Conv2d(4, 8, 3)
-
-        def forward(self, x):
-            return self.bn_b(self.conv_b(torch.relu(self.bn_a(self.conv_a(x)))))
-
-    result = check_fold(Shuffled().eval(), torch.randn(2, 3, 9, 9), folded=2, kept=0)
+    model = Model(
+        lambda m, x: m.bn_b(m.conv_b(torch.relu(m.bn_a(m.conv_a(x))))),
+        bn_b=nn.BatchNorm2d(8),  # registered first, runs after conv_b
+        conv_a=nn.Conv2d(3, 4, 3),
+        bn_a=nn.BatchNorm2d(4),
+        conv_b=nn.Conv2d(4, 8, 3),
+    )
+    result = check_fold(model.eval(), torch.randn(2, 3, 9, 9), folded=2, kept=0)
     assert {(s.norm, s.partner) for s in result.report.plan.sites} == {("bn_a", "conv_a"), ("bn_b", "conv_b")}
 
 
@@ -314,32 +269,23 @@ def test_python_control_flow_model_folds_with_example_inputs_only():
 
 
 def test_several_inputs():
-    class TwoInputs(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, 4, 3)
-            self.bn_a = nn.BatchNorm2d(4)
-            self.b = nn.Conv2d(5, 4, 3)
-            self.bn_b = nn.BatchNorm2d(4)
-
-        def forward(self, x, y, scale=1.0):
-            return self.bn_a(self.a(x)) * scale + self.bn_b(self.b(y))
-
-    check_fold(TwoInputs().eval(), (torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6), 0.5), folded=2, kept=0)
+    model = Model(
+        lambda m, x, y, scale=1.0: m.bn_a(m.a(x)) * scale + m.bn_b(m.b(y)),
+        a=nn.Conv2d(3, 4, 3),
+        bn_a=nn.BatchNorm2d(4),
+        b=nn.Conv2d(5, 4, 3),
+        bn_b=nn.BatchNorm2d(4),
+    )
+    check_fold(model.eval(), (torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6), 0.5), folded=2, kept=0)
 
 
 def test_nested_output_structures_are_checked():
-    class Nested(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
+    def forward(m, x):
+        y = m.bn(m.conv(x))
+        return {"feat": [y, y.mean()], "shape": tuple(y.shape), "argmax": y.flatten(1).argmax(1)}
 
-        def forward(self, x):
-            y = self.bn(self.conv(x))
-            return {"feat": [y, y.mean()], "shape": tuple(y.shape), "argmax": y.flatten(1).argmax(1)}
-
-    result = check_fold(Nested().eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0, randomize=True)
+    model = Model(forward, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0, randomize=True)
     assert result.report.worst_output.startswith("output['feat']")
 
 
@@ -418,52 +364,39 @@ def test_norm_with_user_hooks_is_kept():
 
 
 def test_modules_in_module_list_and_dict_fold():
-    class Containers(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)])
-            self.norms = nn.ModuleDict({"first": nn.BatchNorm2d(4), "second": nn.BatchNorm2d(4)})
+    def forward(m, x):
+        x = m.norms["first"](m.convs[0](x))
+        return m.norms["second"](m.convs[1](x))
 
-        def forward(self, x):
-            x = self.norms["first"](self.convs[0](x))
-            return self.norms["second"](self.convs[1](x))
-
-    result = check_fold(Containers().eval(), torch.randn(2, 3, 8, 8), folded=2, kept=0)
+    model = Model(
+        forward,
+        convs=nn.ModuleList([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)]),
+        norms=nn.ModuleDict({"first": nn.BatchNorm2d(4), "second": nn.BatchNorm2d(4)}),
+    )
+    result = check_fold(model.eval(), torch.randn(2, 3, 8, 8), folded=2, kept=0)
     assert isinstance(result.model.norms["first"], nn.Identity)
 
 
 def test_model_that_changes_its_input_in_place_leaves_the_callers_tensor_alone():
-    class Mutating(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            x.mul_(2.0)
-            return self.bn(self.conv(x))
+    def forward(m, x):
+        x.mul_(2.0)
+        return m.bn(m.conv(x))
 
     x = torch.randn(2, 3, 6, 6)
     before = x.clone()
-    model = randomize_norms(Mutating()).eval()
+    model = randomize_norms(Model(forward, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))).eval()
     result = bnfold.fold_with_report(model, x)
     assert torch.equal(x, before)
     assert result.report.folded == 1
 
 
 def test_norm_parameters_used_outside_the_norm_are_kept():
-    class ReadsNormWeight(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
+    def reads_norm_weight():
+        return Model(lambda m, x: m.bn(m.conv(x)) * m.bn.weight.mean(), conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
 
-        def forward(self, x):
-            return self.bn(self.conv(x)) * self.bn.weight.mean()
-
-    result = check_fold(ReadsNormWeight().eval(), torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    result = check_fold(reads_norm_weight().eval(), torch.randn(2, 3, 6, 6), folded=0, kept=1)
     assert "parameters are also used outside it" in result.report.plan.kept[0].reason
-    assert len(bnfold.plan(ReadsNormWeight().eval()).kept) == 1  # torch.fx sees it too (get_attr)
+    assert len(bnfold.plan(reads_norm_weight().eval()).kept) == 1  # torch.fx sees it too (get_attr)
 
 
 def test_folded_model_that_cannot_run_is_a_fold_error_and_nothing_changes():
@@ -514,16 +447,14 @@ def test_norm_after_a_concat_with_a_non_layer_or_a_shared_part_is_kept():
 
 
 def test_concat_along_another_axis_is_kept():
-    class SpatialCat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
+    model = Model(
+        lambda m, x: m.bn(torch.cat([m.a(x), m.b(x)], dim=2)),
+        a=nn.Conv2d(3, 4, 1),
+        b=nn.Conv2d(3, 4, 1),
+        bn=nn.BatchNorm2d(4),
+    )
+    result = check_fold(model.eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
 
-        def forward(self, x):
-            return self.bn(torch.cat([self.a(x), self.b(x)], dim=2))
-
-    result = check_fold(SpatialCat().eval(), torch.randn(2, 3, 4, 4), folded=0, kept=1)
     assert "along axis 2" in result.report.plan.kept[0].reason
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import bnfold
 
-from helpers import check_fold, randomize_norms
+from helpers import Chain, Model, check_fold, randomize_norms
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -16,6 +16,16 @@ BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 def _directions(result) -> list[str]:
     return [s.direction for s in result.report.plan.sites]
+
+
+def _plus_flip(y: torch.Tensor) -> torch.Tensor:
+    """A residual-style sum: a norm after it has no layer to fold backward into."""
+    return y + y.flip(-1)
+
+
+def _bn_read_by_a_and_b(m, x):
+    y = m.bn(x)
+    return m.a(y), m.b(y)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -89,78 +99,34 @@ def test_dropout_in_training_mode_is_not_the_identity():
 
 
 def test_norm_read_by_several_layers_folds_into_all():
-    class Branches(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(4)
-            self.a = nn.Conv2d(4, 3, 1)
-            self.b = nn.Conv2d(4, 5, 3)
-
-        def forward(self, x):
-            y = self.bn(x)
-            return self.a(y), self.b(y)
-
-    result = check_fold(Branches().eval(), torch.randn(2, 4, 6, 6), folded=1, kept=0)
+    model = Model(_bn_read_by_a_and_b, bn=nn.BatchNorm2d(4), a=nn.Conv2d(4, 3, 1), b=nn.Conv2d(4, 5, 3))
+    result = check_fold(model.eval(), torch.randn(2, 4, 6, 6), folded=1, kept=0)
     assert result.report.plan.sites[0].partners == ("a", "b")
     assert "-> a, b" in str(result.report.plan)
 
 
 def test_norm_read_by_a_layer_that_cannot_take_it_is_kept():
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(4)
-            self.a = nn.Conv2d(4, 3, 1)
-            self.b = nn.Conv2d(4, 5, 3, padding=1)
-
-        def forward(self, x):
-            y = self.bn(x)
-            return self.a(y), self.b(y)
-
-    check_fold(Mixed().eval(), torch.randn(2, 4, 6, 6), folded=0, kept=1)
-
-    class AlsoActivation(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(4)
-            self.a = nn.Conv2d(4, 3, 1)
-
-        def forward(self, x):
-            y = self.bn(x)
-            return self.a(y), torch.relu(y)
-
-    check_fold(AlsoActivation().eval(), torch.randn(2, 4, 6, 6), folded=0, kept=1)
+    mixed = Model(_bn_read_by_a_and_b, bn=nn.BatchNorm2d(4), a=nn.Conv2d(4, 3, 1), b=nn.Conv2d(4, 5, 3, padding=1))
+    check_fold(mixed.eval(), torch.randn(2, 4, 6, 6), folded=0, kept=1)
+    also_activation = Model(_bn_read_by_a_and_b, bn=nn.BatchNorm2d(4), a=nn.Conv2d(4, 3, 1), b=torch.relu)
+    check_fold(also_activation.eval(), torch.randn(2, 4, 6, 6), folded=0, kept=1)
 
 
 def test_shared_consumer_is_kept():
-    class SharedConsumer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(4)
-            self.conv = nn.Conv2d(4, 4, 1)
-
-        def forward(self, x):
-            return self.conv(self.conv(self.bn(x)))
-
-    result = check_fold(SharedConsumer().eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
+    model = Model(lambda m, x: m.conv(m.conv(m.bn(x))), bn=nn.BatchNorm2d(4), conv=nn.Conv2d(4, 4, 1))
+    result = check_fold(model.eval(), torch.randn(2, 4, 5, 5), folded=0, kept=1)
     assert "called 2 times" in result.report.plan.kept[0].reason
 
 
 def test_norm_input_changed_in_place_later_is_kept():
-    class Later(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pre = nn.Conv2d(3, 4, 1)
-            self.bn = nn.BatchNorm2d(4)
-            self.conv = nn.Conv2d(4, 4, 1)
+    def forward(m, x):
+        h = torch.relu(m.pre(x))
+        y = m.bn(h)
+        h[:, 0].mul_(3.0)  # after folding, conv would read h itself, changed here through a view
+        return m.conv(y) + h
 
-        def forward(self, x):
-            h = torch.relu(self.pre(x))
-            y = self.bn(h)
-            h[:, 0].mul_(3.0)  # after folding, conv would read h itself, changed here through a view
-            return self.conv(y) + h
-
-    result = check_fold(Later().eval(), torch.randn(2, 3, 5, 5), folded=0, kept=1)
+    model = Model(forward, pre=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4), conv=nn.Conv2d(4, 4, 1))
+    result = check_fold(model.eval(), torch.randn(2, 3, 5, 5), folded=0, kept=1)
     assert "changed in place" in result.report.plan.kept[0].reason
 
 
@@ -223,28 +189,25 @@ def test_same_padding_conv_takes_norms_after_it_but_never_before():
     check_fold(after, torch.randn(2, 4, 7, 7), folded=1, kept=0)
 
 
-class Head(nn.Module):
-    """A norm after a residual sum (no layer before it to take it), then pooling, then a layer."""
+def global_mean(y: torch.Tensor) -> torch.Tensor:
+    return y.mean((2, 3))
 
-    def __init__(self, pool: nn.Module | str, then: nn.Module, flatten: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.pool = pool
-        self.flatten = nn.Flatten() if flatten else nn.Identity()
-        self.then = then
 
-    def forward(self, x):
-        y = self.conv(x)
-        y = self.bn(y + y.flip(-1))
-        y = (
-            y.mean((2, 3))
-            if self.pool == "mean"
-            else y.mean(-1, keepdim=True)
-            if self.pool == "mean1"
-            else self.pool(y)
-        )
-        return self.then(self.flatten(y))
+def width_mean(y: torch.Tensor) -> torch.Tensor:
+    return y.mean(-1, keepdim=True)
+
+
+def head(pool, then: nn.Module, flatten: bool = True) -> Model:
+    """A norm after a residual sum (no layer before it to take it), then ``pool`` (a module or a function),
+    then a layer."""
+    return Model(
+        lambda m, x: m.then(m.flatten(m.pool(m.bn(_plus_flip(m.conv(x)))))),
+        conv=nn.Conv2d(3, 4, 3, padding=1),
+        bn=nn.BatchNorm2d(4),
+        pool=pool,
+        flatten=nn.Flatten() if flatten else nn.Identity(),
+        then=then,
+    )
 
 
 @pytest.mark.parametrize(
@@ -254,32 +217,33 @@ class Head(nn.Module):
         (nn.AdaptiveAvgPool2d(2), nn.Linear(16, 5), True),
         (nn.AvgPool2d(2), nn.Conv2d(4, 5, 1), False),
         (nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False), nn.Conv2d(4, 5, 1), False),
-        ("mean", nn.Linear(4, 5), False),
-        ("mean1", nn.Conv2d(4, 5, 1), False),
+        (global_mean, nn.Linear(4, 5), False),
+        (width_mean, nn.Conv2d(4, 5, 1), False),
     ],
 )
 def test_forward_through_averages(pool, then, flatten):
-    result = check_fold(Head(pool, then, flatten).eval(), torch.randn(2, 3, 8, 8), folded=1, kept=0)
+    result = check_fold(head(pool, then, flatten).eval(), torch.randn(2, 3, 8, 8), folded=1, kept=0)
     assert result.report.plan.sites[0].direction == "forward"
 
 
 def test_averages_of_padded_zeros_and_means_over_channels_keep_the_norm():
-    padded = Head(nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(4, 5, 1), flatten=False).eval()
+    padded = head(nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(4, 5, 1), flatten=False).eval()
     result = check_fold(padded, torch.randn(2, 3, 8, 8), folded=0, kept=1)
     assert "count_include_pad=True" in result.report.plan.kept[0].reason
 
-    class OverChannels(Head):
-        def forward(self, x):
-            return self.then(self.bn(self.conv(x) * 2).mean(1, keepdim=True))
-
-    model = OverChannels(nn.Identity(), nn.Conv2d(1, 5, 1), flatten=False).eval()
+    model = Model(
+        lambda m, x: m.then(m.bn(m.conv(x) * 2).mean(1, keepdim=True)),
+        conv=nn.Conv2d(3, 4, 3, padding=1),
+        bn=nn.BatchNorm2d(4),
+        then=nn.Conv2d(1, 5, 1),
+    ).eval()
     result = check_fold(model, torch.randn(2, 3, 8, 8), folded=0, kept=1)
     assert "over its channels" in result.report.plan.kept[0].reason
 
 
 @pytest.mark.parametrize("positive", [True, False])
 def test_forward_through_max_pooling_only_with_positive_scales(positive):
-    model = Head(nn.MaxPool2d(2), nn.Conv2d(4, 5, 1), flatten=False).eval()
+    model = head(nn.MaxPool2d(2), nn.Conv2d(4, 5, 1), flatten=False).eval()
     randomize_norms(model)
     if not positive:
         with torch.no_grad():
@@ -296,17 +260,10 @@ def test_forward_through_pooling_without_example_inputs():
     assert [(s.norm, s.partners, s.direction) for s in plan.sites] == [("1", ("4",), "forward")]
 
 
-class AfterSum(nn.Module):
+def after_sum(norm: nn.Module, move, layer: nn.Module) -> Chain:
     """conv -> (+ itself, so the norm has no layer to fold backward into) -> norm -> ``move`` -> layer."""
-
-    def __init__(self, norm: nn.Module, move, layer: nn.Module):
-        super().__init__()
-        self.conv = nn.Conv1d(3, 4, 1) if isinstance(norm, nn.BatchNorm1d) else nn.Conv2d(3, 4, 1)
-        self.norm, self.move, self.layer = norm, move, layer
-
-    def forward(self, x):
-        y = self.conv(x)
-        return self.layer(self.move(self.norm(y + y.flip(-1))))
+    conv = nn.Conv1d(3, 4, 1) if isinstance(norm, nn.BatchNorm1d) else nn.Conv2d(3, 4, 1)
+    return Chain(conv, _plus_flip, norm, move, layer)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +278,7 @@ class AfterSum(nn.Module):
     ],
 )
 def test_forward_through_reshapes_and_permutes(norm, move, layer, shape):
-    result = check_fold(AfterSum(norm, move, layer).eval(), torch.randn(*shape), folded=1, kept=0)
+    result = check_fold(after_sum(norm, move, layer).eval(), torch.randn(*shape), folded=1, kept=0)
     assert result.report.plan.sites[0].direction == "forward"
 
 
@@ -333,5 +290,6 @@ def test_forward_through_reshapes_and_permutes(norm, move, layer, shape):
     ],
 )
 def test_forward_through_moves_that_lose_the_channels_keeps_the_norm(move, layer):
-    model = AfterSum(nn.BatchNorm2d(4), move, layer).eval()
+    model = after_sum(nn.BatchNorm2d(4), move, layer).eval()
+
     check_fold(model, torch.randn(2, 3, 5, 5), folded=0, kept=1)

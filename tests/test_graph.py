@@ -13,34 +13,28 @@ from torch import nn
 
 import bnfold
 
-from helpers import check_fold, randomize_norms
-
-
-class ReadsShape(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        n, c = y.shape[0], y.size(1)  # metadata only: folding does not change shapes
-        assert y.dim() == 4 and y.dtype == torch.float32
-        return self.bn(y).reshape(n, c, -1)
+from helpers import Model, check_fold, randomize_norms
 
 
 def test_metadata_reads_do_not_block_folding():
-    check_fold(ReadsShape().eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0)
+    def reads_shape(m, x: torch.Tensor) -> torch.Tensor:
+        y = m.conv(x)
+        n, c = y.shape[0], y.size(1)  # metadata only: folding does not change shapes
+        assert y.dim() == 4 and y.dtype == torch.float32
+        return m.bn(y).reshape(n, c, -1)
+
+    model = Model(reads_shape, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    check_fold(model.eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0)
 
 
 def test_value_reads_block_folding():
-    class ReadsValue(ReadsShape):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            peak = y.max().item()  # a value: it would change
-            return self.bn(y) * (1.0 if peak > -1e9 else 0.0)
+    def reads_value(m, x: torch.Tensor) -> torch.Tensor:
+        y = m.conv(x)
+        peak = y.max().item()  # a value: it would change
+        return m.bn(y) * (1.0 if peak > -1e9 else 0.0)
 
-    result = check_fold(ReadsValue().eval(), torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    model = Model(reads_value, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    result = check_fold(model.eval(), torch.randn(2, 3, 6, 6), folded=0, kept=1)
     assert "Tensor.max" in result.report.plan.kept[0].reason
 
 
@@ -59,17 +53,10 @@ def test_tracing_leaves_buffers_rng_and_flags_alone():
 
 
 def test_module_registered_under_two_names_is_replaced_everywhere():
-    class Aliased(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
-            self.same_bn = self.bn
+    bn = nn.BatchNorm2d(4)
+    model = Model(lambda m, x: m.bn(m.conv(x)), conv=nn.Conv2d(3, 4, 3), bn=bn, same_bn=bn)
+    result = check_fold(model.eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(self.conv(x))
-
-    result = check_fold(Aliased().eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0)
     assert isinstance(result.model.bn, nn.Identity) and result.model.same_bn is result.model.bn
 
 

@@ -12,7 +12,7 @@ import bnfold
 from bnfold.layercheck import probes_for
 
 from cli_models import Amplifier
-from helpers import assert_same_state, max_rel_diff, randomize_norms, state_snapshot
+from helpers import Model, assert_same_state, max_rel_diff, randomize_norms, state_snapshot
 
 
 def _wrong_rule():
@@ -78,24 +78,19 @@ def test_a_wrong_fold_in_place_is_diagnosed_and_undone():
     assert folded is model and isinstance(model.bn, nn.Identity)
 
 
-class Reorder(nn.Module):
-    """A discrete step (argsort of amplified values) between two folded pairs: the second pair's input
-    differs between the original and the folded model, unless the check feeds it the original's."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv1d(3, 6, 1), nn.BatchNorm1d(6)
-        self.conv2, self.bn2 = nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)
-
-    def forward(self, x):
-        y = self.bn1(self.conv1(x))
-        order = torch.sin(y * 1e6).argsort(dim=2)
-        return self.bn2(self.conv2(torch.gather(y, 2, order)))
-
-
 def test_the_layer_check_feeds_each_region_the_originals_inputs():
+    def reorder(m, x):
+        # a discrete step (argsort of amplified values) between two folded pairs: the second pair's input
+        # differs between the original and the folded model, unless the check feeds it the original's
+        y = m.bn1(m.conv1(x))
+        order = torch.sin(y * 1e6).argsort(dim=2)
+        return m.bn2(m.conv2(torch.gather(y, 2, order)))
+
     torch.manual_seed(0)
-    model = randomize_norms(Reorder().eval())
+    model = Model(
+        reorder, conv1=nn.Conv1d(3, 6, 1), bn1=nn.BatchNorm1d(6), conv2=nn.Conv1d(6, 6, 1), bn2=nn.BatchNorm1d(6)
+    )
+    model = randomize_norms(model.eval())
     x = torch.randn(2, 3, 50)
     with pytest.raises(bnfold.VerificationError):
         bnfold.fold(model, x)
@@ -105,15 +100,10 @@ def test_the_layer_check_feeds_each_region_the_originals_inputs():
 
 
 def test_outputs_without_floating_point_values_are_checked_layer_by_layer():
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)
-
-        def forward(self, x):
-            return self.bn(self.conv(x)).mean((2, 3)).argmax(1)  # class indices: nothing to compare closely
-
-    model = randomize_norms(Classifier().eval())
+    classifier = Model(  # class indices: nothing to compare closely
+        lambda m, x: m.bn(m.conv(x)).mean((2, 3)).argmax(1), conv=nn.Conv2d(3, 5, 3), bn=nn.BatchNorm2d(5)
+    )
+    model = randomize_norms(classifier.eval())
     result = bnfold.fold_with_report(model, torch.randn(4, 3, 8, 8))
     assert result.report.checked == "layers"
     assert result.report.folded == 1
@@ -121,31 +111,31 @@ def test_outputs_without_floating_point_values_are_checked_layer_by_layer():
         bnfold.fold(model, torch.randn(4, 3, 8, 8), extra_rules=[_wrong_rule()])
 
 
-class Chains(nn.Module):
-    """bn0 folds forward into conv1, bn1 backward into it, gamma after bn1 into it too; bn2 reads a
-    channel-wise cat of two convs; bn3 folds forward into two readers."""
-
-    def __init__(self):
-        super().__init__()
-        self.bn0 = nn.BatchNorm2d(3)
-        self.conv1 = nn.Conv2d(3, 4, 1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
-        self.conv_a, self.conv_b = nn.Conv2d(4, 2, 3), nn.Conv2d(4, 3, 3)
-        self.bn2 = nn.BatchNorm2d(5)
-        self.bn3 = nn.BatchNorm2d(5)
-        self.read_a, self.read_b = nn.Conv2d(5, 2, 1), nn.Conv2d(5, 2, 1)
-
-    def forward(self, x):
-        x = self.bn1(self.conv1(self.bn0(x))) * self.gamma
-        x = torch.relu(self.bn2(torch.cat([self.conv_a(x), self.conv_b(x)], 1)))
-        x = self.bn3(x)
-        return self.read_a(x) + self.read_b(x)
-
-
 def test_probes_follow_chains_of_folds_into_one_layer():
+    def chains(m, x):
+        # bn0 folds forward into conv1, bn1 backward into it, gamma after bn1 into it too; bn2 reads a
+        # channel-wise cat of two convs; bn3 folds forward into two readers
+        x = m.bn1(m.conv1(m.bn0(x))) * m.gamma
+        x = torch.relu(m.bn2(torch.cat([m.conv_a(x), m.conv_b(x)], 1)))
+        x = m.bn3(x)
+        return m.read_a(x) + m.read_b(x)
+
     torch.manual_seed(0)
-    model = randomize_norms(Chains().eval())
+    model = Model(
+        chains,
+        bn0=nn.BatchNorm2d(3),
+        conv1=nn.Conv2d(3, 4, 1),
+        bn1=nn.BatchNorm2d(4),
+        gamma=nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5),
+        conv_a=nn.Conv2d(4, 2, 3),
+        conv_b=nn.Conv2d(4, 3, 3),
+        bn2=nn.BatchNorm2d(5),
+        bn3=nn.BatchNorm2d(5),
+        read_a=nn.Conv2d(5, 2, 1),
+        read_b=nn.Conv2d(5, 2, 1),
+    )
+    model = randomize_norms(model.eval())
+
     x = torch.randn(2, 3, 9, 9)
     plan = bnfold.plan(model, x)
     assert {(s.norm, s.direction) for s in plan.sites} == {
