@@ -41,9 +41,11 @@ class MergedConv(nn.Module):
         pre: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         super().__init__()
-        for name, module in [*(pre or []), *post]:
+        for name, module in pre or []:
             self.add_module(name, module)
-        self.merged_conv = conv
+        self.merged_conv = conv  # registered between them, so that repr and state_dict read in order
+        for name, module in post:
+            self.add_module(name, module)
         self.merged_from = merged_from
         self.pre_names = tuple(name for name, _ in pre or [])
         self.post_names = tuple(name for name, _ in post)
