@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_channels, scale_output_channels
+from .branches import evaluate
 from .constants import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
 from .layers import out_channels
 from .norms import require_tensor, tensor_attr
 from .plan import FoldKind, FoldPlan, FoldSite
+from .reparam import MergedConv, build_conv
 from .rules import FoldRule, RuleTable
 from .weights import effective_weight, weight_hook
 
@@ -267,9 +269,6 @@ def _fold_output(layer: nn.Module, scale: Tensor, shift: Tensor, layout: Layout,
 
 def _apply_merge(surgery: Surgery, site: FoldSite) -> None:
     """The block around merged branches becomes one convolution and the modules after the sum."""
-    from .branches import evaluate
-    from .reparam import MergedConv, build_conv
-
     if site.merge is None:
         raise ValueError(f"the plan gives no recipe for the merge of '{site.norm}'")
     block = surgery.modules[site.norm]
