@@ -519,3 +519,34 @@ class RepGhostLike(nn.Module):
 def test_modules_before_the_branches_stay_in_front_of_the_merged_conv():
     result = merge(RepGhostLike(8), X, merged=1, runs=(2, 0))  # the primary conv's norm folds into it
     assert result.model[0].pre_names == ("primary",) and result.model[0].post_names == ("relu",)
+
+
+class Sequence(nn.Module):
+    """Two convolutions with only a norm between them (a linear bottleneck)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.bn1, self.second, self.bn2 = (
+            first,
+            nn.BatchNorm2d(first.out_channels),
+            second,
+            nn.BatchNorm2d(second.out_channels),
+        )
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn2(self.second(self.bn1(self.first(x)))))
+
+
+def test_standalone_sequence_merges_when_one_conv_costs_no_more():
+    # 3x3 (8 -> 16) then 1x1 (16 -> 4): one 3x3 (8 -> 4) costs 288 multiply-adds per position, the two 1216
+    result = merge(Sequence(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)), X, merged=1, runs=(1, 0))
+    assert result.model[0].merged_conv.kernel_size == (3, 3) and result.model[0].merged_conv.out_channels == 4
+
+
+def test_standalone_bottleneck_stays_when_it_is_cheaper():
+    # 1x1 (8 -> 2) then 3x3 (2 -> 8): one 3x3 (8 -> 8) would cost 576 per position, the two 160
+    model = randomize_norms(nn.Sequential(Sequence(nn.Conv2d(8, 2, 1, bias=False), nn.Conv2d(2, 8, 3)))).eval()
+    result = bnfold.fold_with_report(model, X, reparameterize=True)
+    assert result.report.merged == 0 and not result.report.plan.kept  # nothing to report: it stays as it is
+    assert running(result.model, X) == (2, 0)  # the norms still fold into the convolutions

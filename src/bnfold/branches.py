@@ -40,6 +40,8 @@ __all__ = [
     "region_reason",
     "layer_names",
     "channels_and_dims",
+    "is_sum",
+    "sequence_cost",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -388,9 +390,38 @@ def _has_sum(recipe: Recipe) -> bool:
     return False
 
 
+def is_sum(recipe: Recipe) -> bool:
+    """Whether a recipe adds branches (else it is a sequence of convolutions with affine maps between)."""
+    return _has_sum(recipe)
+
+
+def _convs(recipe: Recipe) -> list[str]:
+    """The convolutions of a recipe without sums, innermost first."""
+    if isinstance(recipe, Layer):
+        return [*_convs(recipe.inner), recipe.name] if recipe.kind == "conv" else _convs(recipe.inner)
+    if isinstance(recipe, Coefficient):
+        return _convs(recipe.inner)
+    return []
+
+
+def sequence_cost(recipe: Recipe, model: nn.Module) -> float:
+    """Multiply-adds per final output position of a sequence of convolutions as it stands (a convolution
+    before a strided one runs at more positions)."""
+    cost, positions = 0.0, 1.0
+    for name in reversed(_convs(recipe)):
+        conv = model.get_submodule(name)
+        if not isinstance(conv, nn.modules.conv._ConvNd):
+            continue
+        weight = conv.weight
+        cost += positions * weight.numel()  # out * in / groups * prod(kernel), per output position
+        for s in conv.stride:
+            positions *= int(s)
+    return cost
+
+
 def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
-    """Every sum of parallel branches of one tensor, latest first: the branches found (not yet checked for
-    exactness), or why a sum whose branches share their input cannot be merged."""
+    """Every sum of parallel branches of one tensor, and every sequence of two or more convolutions with
+    only affine maps between them, latest first (not yet checked for exactness)."""
     analysis = _Analysis(ctx)
     graph = ctx.graph
     covered: set[int] = set()
@@ -399,7 +430,9 @@ def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
         if call.index in covered or len(call.outputs) != 1 or call.kind not in ("module", "function"):
             continue
         result = analysis.step(call)
-        if result is None or not _has_sum(result.recipe) or not _has_conv(result.recipe):
+        if result is None or not _has_conv(result.recipe):
+            continue
+        if not _has_sum(result.recipe) and len(_convs(result.recipe)) < 2:
             continue
         if len(result.sources) != 1:
             continue  # a residual sum of values from different places: not parallel branches

@@ -16,7 +16,17 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .branches import Branches, channels_and_dims, describe, evaluate, find_branches, layer_names, region_reason
+from .branches import (
+    Branches,
+    channels_and_dims,
+    describe,
+    evaluate,
+    find_branches,
+    is_sum,
+    layer_names,
+    region_reason,
+    sequence_cost,
+)
 from .checks import Kept, PlanContext
 from .classes import layer_type
 from .graph import Span
@@ -211,6 +221,12 @@ def _analyse(branches: Branches, ctx: PlanContext) -> tuple[_Block, ConvForm]:
         raise Kept(reason)
     channels, dims = channels_and_dims(branches, ctx)
     form = evaluate(branches.recipe, ctx.model, ctx.rules, channels, dims)
+    if not is_sum(branches.recipe):
+        before, after = sequence_cost(branches.recipe, ctx.model), float(form.kernel.numel())
+        if after > before:
+            raise NotExact(
+                f"one convolution would cost more multiply-adds than the sequence ({after:.0f} > {before:.0f})"
+            )
     block = _enclosing(branches, ctx)
     taken = ctx.claimed.get(block.name)
     if taken is not None:
@@ -228,6 +244,8 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
         try:
             block, form = _analyse(found, ctx)
         except (Kept, NotExact) as keep:
+            if not is_sum(found.recipe):
+                continue  # a sequence of convolutions that stays as it is: nothing to report
             reason = keep.reason if isinstance(keep, Kept) else str(keep)
             names = ", ".join(f"'{m}'" for m in found.modules)
             rows.append(KeptNorm(f"{_label(found, ctx)} (branches)", "branches", f"branches {names}: {reason}"))
