@@ -38,8 +38,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .classes import has_type
 from .errors import TraceError
+from .lineage import Lineage
 from .nested import detached_copy, iter_tensors
 from .running import inference, preserved_buffers, seeded
+from .verify import Sources
 
 __all__ = [
     "Call",
@@ -121,7 +123,11 @@ class DataFlowGraph:
     module_calls: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
     foreign_uses: dict[int, str] = field(default_factory=dict)
     traced_with: str = "example_inputs"
+    # execution tracing: a copy of what the model returned, and for the output check, the floats behind each
+    # integer output and the magnitude of the values entering the op that made each float output (by path)
     reference_outputs: Any = None
+    output_sources: dict[str, Sources] = field(default_factory=dict)
+    output_magnitudes: dict[str, float] = field(default_factory=dict)
     # values that are a parameter or buffer of the model, with its qualified name
     constants: dict[ValueKey, str] = field(default_factory=dict)
     # execution tracing: the writes each storage had seen when the run ended, and the last version of
@@ -328,6 +334,7 @@ class _ExecutionTracer(TorchFunctionMode):
             model.named_buffers(remove_duplicate=False)
         ):
             self.constant_names.setdefault(id(t), name)
+        self.lineage = Lineage(magnitudes=True, constants=self.constant_names)
         # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
         self.owned: dict[int, nn.Module] = {}
         self.owned_storages: dict[int, nn.Module] = {}  # the same, by storage: a write may use any alias
@@ -464,8 +471,10 @@ class _ExecutionTracer(TorchFunctionMode):
     # -- tensor ops ---------------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.depth > 0 or self.quiet > 0:
+        if self.quiet > 0:
             return func(*args, **kwargs)
+        if self.depth > 0:
+            return self.lineage.observe(func, args, kwargs)
         name = _op_name(func)
         if name in _METADATA_OPS:
             return func(*args, **kwargs)
@@ -478,7 +487,7 @@ class _ExecutionTracer(TorchFunctionMode):
                 self.graph.foreign_uses.setdefault(id(owner), name)
         self.write_context.append([])
         try:
-            out = func(*args, **kwargs)
+            out = self.lineage.observe(func, args, kwargs)
         finally:
             writes = self.write_context.pop()
         out_keys, out_shapes = self.keys(out)
@@ -560,6 +569,8 @@ def trace_execution(
             tracer.graph.add("output", "<outputs>", None, out_keys, [], out_shapes, None)
             tracer.settle_versions()
             tracer.graph.reference_outputs = detached_copy(output)
+            tracer.graph.output_sources = tracer.lineage.output_sources(output)
+            tracer.graph.output_magnitudes = tracer.lineage.output_magnitudes(output)
     finally:
         for handle in handles:
             handle.remove()
