@@ -379,10 +379,12 @@ def fold(
     ``inplace=False`` (default) returns a folded copy and leaves ``model`` bit-identical;
     ``inplace=True`` folds ``model`` itself and returns it.
 
-    ``verify="outputs"`` (default) compares the model's outputs. ``verify="layers"`` instead checks each
-    folded layer on the original's own inputs: for models whose outputs jump with tiny rounding
-    differences (sorting, top-k, thresholds, non-maximum suppression: detection models). bnfold checks
-    the layers by itself when the outputs hold no floating-point values to compare.
+    ``verify="outputs"`` (default) compares the model's outputs (integer outputs through the floats they were
+    computed from). When they differ beyond float32 rounding, the original runs once more in float64 (a float64
+    copy of it, briefly): the fold passes when the folded model is no further from that run than the original's
+    own float32 outputs are, and every folded layer gives the original's values on the original's own inputs.
+    So models whose outputs jump with tiny rounding differences (detection models) fold under this check too.
+    ``verify="layers"`` checks only each folded layer on the original's own inputs, not the model end to end.
 
     ``reparameterize=True`` also merges parallel branches that read the same tensor and are summed
     (RepVGG, MobileOne, ACNet, DBB blocks, and a user's own) into one convolution: the module around them
