@@ -55,8 +55,8 @@ def _check_model(model: Any, caller: str) -> nn.Module:
                 f"bnfold.{caller}() got {what} (OptimizedModule); fold the module before compiling it: "
                 f"bnfold.{caller}(compiled._orig_mod, ...), then torch.compile the result"
             )
-        for tname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if nn.parameter.is_lazy(t):
+        for tname, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is not None and nn.parameter.is_lazy(t):
                 where = f"'{name}'" if name else "the model"
                 raise ValueError(
                     f"{where} ({type(module).__name__}) is not initialised yet ({tname} is an uninitialised lazy "

@@ -125,14 +125,16 @@ def _channel_factor(shape: torch.Size, s: Tensor, layout: Layout, groups: int, a
     return s.reshape(groups, 1, cols).expand(groups, rows // groups, cols).reshape(rows, cols)
 
 
-def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: str) -> Tensor:
-    """``weight`` times its channel factor, each element computed in float64 and rounded once to its dtype."""
+def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: str, out: Tensor | None) -> Tensor:
+    """``weight`` times its channel factor, each element computed in float64 and rounded once to its dtype;
+    written into ``out`` when given (``weight`` itself included: each chunk is read before it is written)."""
     _check_layout(layout)
     device = _work_device(weight)
     w = weight.detach().to(device)
     factor = _channel_factor(w.shape, _f64(scale, device), layout, groups, axis)
     factor = factor.reshape(*factor.shape, *([1] * (w.dim() - 2)))
-    out = torch.empty(w.shape, dtype=w.dtype, device=device)
+    target = out.detach() if out is not None and out.device == device else None
+    result = target if target is not None else torch.empty(w.shape, dtype=w.dtype, device=device)
     # on an accelerator one pass is faster than many small ones
     step = max(1, _CHUNK // max(1, w[0].numel())) if device.type == "cpu" else max(1, w.shape[0])
     buffer = torch.empty((min(step, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=device)
@@ -141,28 +143,37 @@ def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: st
         part = buffer[:n]
         part.copy_(w[i : i + n])
         part.mul_(factor if factor.shape[0] == 1 else factor[i : i + n])
-        out[i : i + n].copy_(part)
-    return out.to(weight.device)
+        result[i : i + n].copy_(part)
+    if out is not None and target is None:
+        out.detach().copy_(result)
+        return out
+    return result if target is not None else result.to(weight.device)
 
 
-def scale_output_channels(weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1) -> Tensor:
-    """Return ``weight`` with each output channel multiplied by ``scale`` (float64 math, weight's dtype).
+def scale_output_channels(
+    weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1, out: Tensor | None = None
+) -> Tensor:
+    """Return ``weight`` with each output channel multiplied by ``scale`` (float64 math, weight's dtype), in
+    ``out`` when given (it may be ``weight`` itself).
 
     >>> w = torch.ones(3, 2)
     >>> scale_output_channels(w, torch.tensor([1.0, 2.0, 3.0]), "linear")[:, 0].tolist()
     [1.0, 2.0, 3.0]
     """
-    return _scaled(weight, scale, layout, groups, "output")
+    return _scaled(weight, scale, layout, groups, "output", out)
 
 
-def scale_input_channels(weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1) -> Tensor:
-    """Return ``weight`` with each input channel multiplied by ``scale`` (float64 math, weight's dtype).
+def scale_input_channels(
+    weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1, out: Tensor | None = None
+) -> Tensor:
+    """Return ``weight`` with each input channel multiplied by ``scale`` (float64 math, weight's dtype), in
+    ``out`` when given (it may be ``weight`` itself).
 
     >>> w = torch.ones(1, 4)
     >>> scale_input_channels(w, torch.tensor([1.0, 2.0]), "linear").tolist()  # 2 channels x 2 positions
     [[1.0, 1.0, 2.0, 2.0]]
     """
-    return _scaled(weight, scale, layout, groups, "input")
+    return _scaled(weight, scale, layout, groups, "input", out)
 
 
 def input_shift_response(weight: Tensor, shift: Tensor, layout: Layout, groups: int = 1) -> Tensor:

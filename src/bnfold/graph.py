@@ -10,9 +10,10 @@ tracing the model does. Two tracers build the same :class:`DataFlowGraph`:
   changes a tensor without making a new one, and it may do so through any alias
   of the same storage (a view, ``.detach()``, ``.data``, ``as_strided``, ``set_``,
   a Tensor subclass), most of which have no ``_base`` and some not even the same
-  version counter. So a ``TorchDispatchMode`` counts the writes to every storage,
-  whatever tensor they go through (inside modules too), and a value's key holds
-  the count of its storage. It follows Python control flow as taken.
+  version counter. So every op the mode sees (inside modules too) and every module
+  call has the version counters of its tensor arguments compared before and after:
+  a write counts against the storage behind the tensor written, and a value's key
+  holds the count of its storage. It follows Python control flow as taken.
 - :func:`trace_symbolic` uses ``torch.fx`` when there are no example inputs.
 
 The graph answers: which call produced each value, which calls consume it, how
@@ -34,7 +35,6 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .classes import has_type
 from .errors import TraceError
@@ -199,6 +199,43 @@ class DataFlowGraph:
         return self.module_calls.get(id(module), [])
 
 
+def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in nested tuples, lists and dicts (a list: the tracer looks at them twice)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    found: list[Tensor] = []
+    for item in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ():
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list, dict)):
+            found.extend(_tensors(item))
+    return found
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot be written)
+        return -1
+
+
+def _own_tensors(module: nn.Module) -> list[Tensor]:
+    """The parameters and buffers of ``module`` and its children (layers and norms rarely have children:
+    walking their dicts directly is many times cheaper than ``parameters()`` and ``buffers()``)."""
+    found = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    for child in module._modules.values():
+        if child is not None:
+            found.extend(_own_tensors(child))
+    return found
+
+
+def _versions(tensors: list[Tensor]) -> list[int]:
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [_version(t) for t in tensors]
+
+
 def _op_name(func: Callable[..., Any]) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     if name.endswith("__get__"):
@@ -340,7 +377,7 @@ class _ExecutionTracer(TorchFunctionMode):
         self.owned_storages: dict[int, nn.Module] = {}  # the same, by storage: a write may use any alias
         for module in model.modules():
             if has_type(module, watched_types):
-                for t in list(module.parameters()) + list(module.buffers()):
+                for t in _own_tensors(module):
                     self.owned[id(t)] = module
                     storage = self.storage_serial(t)
                     if storage is not None:
@@ -367,7 +404,7 @@ class _ExecutionTracer(TorchFunctionMode):
         return entry[1]
 
     def key(self, t: Tensor) -> ValueKey:
-        version = t._version
+        version = _version(t)
         serial = self.serial(t)
         storage = self.storage_serial(t)
         key = TensorKey(serial, version, storage, 0 if storage is None else self.writes.get(storage, 0))
@@ -410,7 +447,7 @@ class _ExecutionTracer(TorchFunctionMode):
         for ref, serial in list(self.serials.values()):
             t = ref()
             if t is not None and serial in self.graph.final_versions:
-                self.graph.final_versions[serial] = max(self.graph.final_versions[serial], t._version)
+                self.graph.final_versions[serial] = max(self.graph.final_versions[serial], _version(t))
 
     def keys(self, obj: Any) -> tuple[list[ValueKey], list[Shape | None]]:
         tensors = list(iter_tensors(obj))
@@ -452,6 +489,12 @@ class _ExecutionTracer(TorchFunctionMode):
             _, record, keys, shapes, start = self.stack.pop()
             writes: list[tuple[int, int]] = []
             if record:
+                inputs = _tensors((args, kwargs))
+                # a write to an input that no op inside showed (TorchScript, C++ code): its version moved
+                for t, key in zip(inputs, keys, strict=False):
+                    if isinstance(key, TensorKey) and _version(t) != key.version:
+                        if key.storage is None or self.writes.get(key.storage, 0) == key.writes:
+                            self.wrote(t, self.names.get(id(module), "?"))
                 self.depth -= 1
                 self.recording = None
                 writes = self.write_context.pop()
@@ -462,6 +505,7 @@ class _ExecutionTracer(TorchFunctionMode):
                         "module", self.names.get(id(module), "?"), module, keys, out_keys, shapes, out_shapes
                     )
                     self.attach_writes(call, writes)
+                    self.lineage.made(_tensors(output), inputs)
                 self.graph.spans.append(Span(module, start, len(self.graph.calls), keys, out_keys))
             self.completed += 1
             self.last_completed = self.names.get(id(module), "?")
@@ -469,16 +513,26 @@ class _ExecutionTracer(TorchFunctionMode):
             self.quiet -= 1
 
     # -- tensor ops ---------------------------------------------------------------------------------
+    def check_writes(self, tensors: list[Tensor], versions: list[int], func: Any) -> None:
+        """An argument whose version moved was written, through it or an alias of its memory."""
+        for t, version in zip(tensors, versions, strict=True):
+            if _version(t) != version:
+                self.wrote(t, _op_name(func))
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if self.quiet > 0:
             return func(*args, **kwargs)
-        if self.depth > 0:
-            return self.lineage.observe(func, args, kwargs)
+        tensors = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
+        versions = _versions(tensors)
+        if self.depth > 0:  # inside a recorded module: only writes and integer results matter
+            out = self.lineage.observe(func, args, kwargs, tensors)
+            if versions != _versions(tensors):
+                self.check_writes(tensors, versions, func)
+            return out
         name = _op_name(func)
         if name in _METADATA_OPS:
             return func(*args, **kwargs)
-        tensors = list(iter_tensors((args, kwargs)))
         keys, shapes = self.keys(_value_arguments(name, args, kwargs))
         arg_spec, kwarg_spec = self.spec(args), self.spec(kwargs)
         for t in tensors:
@@ -487,7 +541,8 @@ class _ExecutionTracer(TorchFunctionMode):
                 self.graph.foreign_uses.setdefault(id(owner), name)
         self.write_context.append([])
         try:
-            out = self.lineage.observe(func, args, kwargs)
+            out = self.lineage.observe(func, args, kwargs, tensors, hold=True)
+            self.check_writes(tensors, versions, func)
         finally:
             writes = self.write_context.pop()
         out_keys, out_shapes = self.keys(out)
@@ -500,39 +555,6 @@ class _ExecutionTracer(TorchFunctionMode):
             module = self.stack[-1][0]
             return f"inside '{self.names.get(id(module), '?')}' ({type(module).__name__})"
         return "in the model's own forward code"
-
-
-class _StorageWrites(TorchDispatchMode):
-    """Tells the tracer about every write to a tensor's memory, through whichever alias, at the level of
-    the ops that really run (inside modules too): the arguments an op's schema marks as written."""
-
-    def __init__(self, tracer: _ExecutionTracer) -> None:
-        super().__init__()
-        self.tracer = tracer
-        self.written: dict[Any, tuple[tuple[int, str], ...]] = {}  # op -> (position, name) of written args
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        written = self.written.get(func)
-        if written is None:
-            schema = getattr(func, "_schema", None)
-            written = tuple(
-                (i, a.name)
-                for i, a in enumerate(schema.arguments if schema is not None else ())
-                if a.alias_info is not None and a.alias_info.is_write
-            )
-            self.written[func] = written
-        if written:
-            self.tracer.quiet += 1
-            try:
-                for position, name in written:
-                    value = args[position] if position < len(args) else kwargs.get(name)
-                    for t in iter_tensors(value):
-                        self.tracer.wrote(t, str(func))
-            finally:
-                self.tracer.quiet -= 1
-        return out
 
 
 def trace_execution(
@@ -557,7 +579,7 @@ def trace_execution(
             in_keys, in_shapes = tracer.keys(args)
             tracer.graph.add("input", "<inputs>", None, [], in_keys, None, in_shapes)
             try:
-                with tracer, _StorageWrites(tracer):
+                with tracer:
                     output = model(*args)
             except Exception as error:  # the user's model failed: say where, keep the cause
                 raise TraceError(

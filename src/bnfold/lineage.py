@@ -74,26 +74,46 @@ class Lineage:
 
         table[key] = (weakref.ref(t, forget), value)
 
-    def observe(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run ``func(*args, **kwargs)`` and record what its results come from."""
+    def observe(
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ins: list[Tensor] | None = None,
+        hold: bool = False,
+    ) -> Any:
+        """Run ``func(*args, **kwargs)`` and record what its results come from (``ins``: the tensors among its
+        arguments, when the caller has them). With ``hold`` (and ``magnitudes``), the op counts as the last one
+        that made its float results; inside a module only integer results are followed (the module's call
+        itself is the op that makes its output, see :meth:`made`)."""
         out = func(*args, **kwargs)
-        outs = [out] if isinstance(out, Tensor) else _tensors(out) if isinstance(out, (tuple, list)) else []
-        if not outs:
+        if isinstance(out, Tensor):
+            if _is_float(out) and not (hold and self.magnitudes):
+                return out
+            outs = [out]
+        elif isinstance(out, (tuple, list)):
+            outs = _tensors(out)
+        else:
             return out  # a shape, a number, a bool: nothing flows on
-        ins = _tensors(args) + (_tensors(kwargs) if kwargs else [])
+        if ins is None:
+            ins = _tensors(args) + (_tensors(kwargs) if kwargs else [])
+        for o in outs:
+            if not _is_float(o):
+                self._derive(o, ins)
+        if hold and self.magnitudes:
+            self.made(outs, ins)
+        return out
+
+    def made(self, outs: list[Tensor], ins: list[Tensor]) -> None:
+        """``outs`` were made from ``ins`` by one op (or one module call): for the magnitudes of float outputs."""
+        if not self.magnitudes:
+            return
         for o in outs:
             if _is_float(o):
-                if self.magnitudes:
-                    self._hold(o, ins)
-            else:
-                self._derive(o, ins)
-        if self.magnitudes:
-            for t in ins:  # read by this op: the op that made it is no longer the last one
-                if not any(t is o for o in outs):
-                    entry = self._entry(self.inputs, t)
-                    if entry is not None:
-                        del self.inputs[id(t)]
-        return out
+                self._hold(o, ins)
+        for t in ins:  # read by this op: the op that made it is no longer the last one
+            if not any(t is o for o in outs) and self._entry(self.inputs, t) is not None:
+                del self.inputs[id(t)]
 
     def _hold(self, o: Tensor, ins: list[Tensor]) -> None:
         held = [t for t in ins if t is not o and _is_float(t) and id(t) not in self.constants]
