@@ -828,7 +828,7 @@ class Reshape(Step):
         x = b.values[src]
         kinds = {
             2: ["unsqueeze_last", "unflatten"],
-            3: ["transpose", "flatten", "unsqueeze2", "module_flatten", "interleave", "unflatten_spatial"],
+            3: ["transpose", "flatten", "unsqueeze2", "module_flatten", "interleave", "unflatten_spatial", "view_flat"],
             4: [
                 "flatten2",
                 "flatten1",
@@ -840,8 +840,9 @@ class Reshape(Step):
                 "contiguous",
                 "module_flatten",
                 "view_batch",
+                "view_flat",
             ],
-            5: ["squeeze2", "flatten2", "transpose"],
+            5: ["squeeze2", "flatten2", "transpose", "view_flat"],
         }[x.dim()]
         kind = _choice(g, 0, kinds)
         if kind == "squeeze2" and x.shape[2] != 1:
@@ -892,6 +893,8 @@ class Reshape(Step):
             out = x.contiguous(memory_format=torch.channels_last)
         elif kind == "view_batch":
             out = x.reshape(n * x.shape[1], *x.shape[2:]).reshape(x.shape)
+        elif kind == "view_flat":  # needs a contiguous input: a fold must keep the memory layout
+            out = x.view(n, -1)
         else:  # squeeze2
             out = x.squeeze(2)
         run.add(out)
@@ -1068,8 +1071,9 @@ class Output(Step):
 
 
 # Sequences of steps, each reading what the one before made (or, with src 1, what the one before that
-# made): the neighbourhoods where folds happen and go wrong. A new pattern is one line.
-RECIPES: list[tuple[tuple[str, int], ...]] = [
+# made): the neighbourhoods where folds happen and go wrong. A new pattern is one line; a part may pin some of
+# its step's arguments (``("reshape", 0, {"kind": "transpose"})``).
+RECIPES: list[tuple[tuple[Any, ...], ...]] = [
     (("conv", 0), ("constant", 0)),
     (("linear", 0), ("constant", 0)),
     (("conv_transpose", 0), ("constant", 0)),
@@ -1094,6 +1098,9 @@ RECIPES: list[tuple[tuple[str, int], ...]] = [
     (("conv", 0), ("scale_module", 0)),
     (("conv", 0), ("norm", 0), ("norm_weight_elsewhere", 0)),
     (("conv", 0), ("constant", 0), ("constant", 0)),
+    (("linear", 0), ("reshape", 0, {"kind": "transpose"}), ("norm", 0), ("reshape", 0, {"kind": "view_flat"})),
+    (("conv", 0), ("reshape", 0), ("norm", 0), ("reshape", 0, {"kind": "view_flat"})),
+    (("linear", 0), ("reshape", 0, {"kind": "transpose"}), ("norm", 0), ("activation", 0), ("conv", 0)),
 ]
 
 
@@ -1104,11 +1111,13 @@ class Chain(Step):
     def build(self, b: Builder, g: Gene) -> dict[str, Any] | None:
         recipe = RECIPES[g.bits % len(RECIPES)]
         parts: list[tuple[str, dict[str, Any]]] = []
-        for i, (op, src) in enumerate(recipe):
+        for i, (op, src, *pinned) in enumerate(recipe):
             part = Gene(op, src, g.other, g.width, (g.bits * 2654435761 + i * 40503) % (1 << 20), g.seed + i)
             args = STEPS[op].build(b, part)
             if args is None:
                 continue
+            for overrides in pinned:
+                args.update(overrides)
             if not args.pop("applied", False):
                 STEPS[op].apply(b.program, b.run, args)
             parts.append((op, args))
