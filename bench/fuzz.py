@@ -1297,6 +1297,7 @@ def fuzz(seeds: range, log: Callable[[str], None] = lambda s: None) -> dict[str,
     """Classify the programs of ``seeds``; counts per class, refusal reasons, and the seeds that went wrong."""
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    examples: dict[str, list[int]] = {}  # error type -> the first seeds refused with it
     bad: list[dict[str, Any]] = []
     sites = 0
     started = time.perf_counter()
@@ -1305,7 +1306,10 @@ def fuzz(seeds: range, log: Callable[[str], None] = lambda s: None) -> dict[str,
         counts[outcome.kind] += 1
         sites += outcome.folded
         if outcome.kind == "refused":
-            reasons[outcome.detail.split(":", 1)[0]] += 1
+            error = outcome.detail.split(":", 1)[0]
+            reasons[error] += 1
+            if len(examples.setdefault(error, [])) < 5:
+                examples[error].append(seed)
         if outcome.kind in BAD:
             bad.append({"seed": seed, "kind": outcome.kind, "detail": outcome.detail.splitlines()[0][:300]})
             log(f"seed {seed}: {outcome.kind}: {outcome.detail.splitlines()[0][:200]}")
@@ -1315,6 +1319,7 @@ def fuzz(seeds: range, log: Callable[[str], None] = lambda s: None) -> dict[str,
         "programs": len(seeds),
         "counts": dict(counts),
         "refusals": dict(reasons),
+        "refused_seeds": examples,
         "sites_folded": sites,
         "bad": bad,
         "seconds": time.perf_counter() - started,
