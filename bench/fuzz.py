@@ -74,6 +74,7 @@ class Options:
     inplace: bool = False
     train: bool = False  # the model is in training mode (nothing may fold; nothing may change)
     leaves: bool = False  # every value no step reads is an output too (else the last and the marked ones)
+    reparameterize: bool = False  # bnfold.fold(..., reparameterize=True): parallel branches merged too
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,13 @@ def random_case(seed: int) -> Case:
         )
         for _ in range(r.randint(2, 16))
     )
-    options = Options(shape, inplace=r.random() < 0.15, train=r.random() < 0.03, leaves=r.random() < 0.5)
+    options = Options(
+        shape,
+        inplace=r.random() < 0.15,
+        train=r.random() < 0.03,
+        leaves=r.random() < 0.5,
+        reparameterize=r.random() < 0.25,
+    )
     return Case(seed, genes, options)
 
 
@@ -252,7 +259,7 @@ def build(case: Case) -> Program:
                 continue
             program.steps.append((gene.op, args))
     g = torch.Generator().manual_seed(case.seed + 1)
-    for module in program.mods:
+    for module in program.mods.modules():
         _randomize(module, g, signs=bool(case.seed % 2))
     if case.options.leaves:
         read = {a[k] for _, a in flat(program.steps) for k in ("src", "other") if k in a}
@@ -1017,6 +1024,53 @@ class LookThrough(ModuleStep):
         return {"src": src, "mod": b.module(module), "what": type(module).__name__}
 
 
+class Parallel(nn.Module):
+    """Branches of one input, summed (and maybe a ReLU): a block whose whole computation merges."""
+
+    def __init__(self, branches: list[nn.Module], relu: bool) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = self.branches[0](x)
+        for branch in self.branches[1:]:
+            total = total + branch(x)
+        return torch.relu(total) if self.relu else total
+
+
+@step("branches", 3)
+class Branches(ModuleStep):
+    """Parallel branches of one value, summed (RepVGG, ACNet, DBB): what ``reparameterize=True`` merges."""
+
+    KINDS: ClassVar[list[str]] = ["conv3_bn", "conv1_bn", "bn", "identity", "conv3", "conv1x3_bn", "avgpool_bn"]
+
+    def build(self, b: Builder, g: Gene) -> dict[str, Any] | None:
+        src = b.pick(g.src, floating(4, min_size=3))
+        if src is None:
+            return None
+        c = b.values[src].shape[1]
+        branches: list[nn.Module] = []
+        kinds = []
+        for i in range(2 + (g.bits >> 18) % 2):
+            kind = self.KINDS[(g.bits >> (3 * i)) % len(self.KINDS)]
+            parts: list[nn.Module] = []
+            if kind.startswith("conv3"):
+                parts.append(nn.Conv2d(c, c, 3, padding=1, bias=_bit(g, 12 + i)))
+            elif kind.startswith("conv1x3"):
+                parts.append(nn.Conv2d(c, c, (1, 3), padding=(0, 1), bias=False))
+            elif kind.startswith("conv1"):
+                parts.append(nn.Conv2d(c, c, 1, bias=_bit(g, 12 + i)))
+            elif kind.startswith("avgpool"):
+                parts.append(nn.AvgPool2d(3, 1, 1))
+            if kind.endswith("bn"):
+                parts.append(nn.BatchNorm2d(c))
+            branches.append(nn.Sequential(*parts) if parts else nn.Identity())
+            kinds.append(kind)
+        block = Parallel(branches, relu=_bit(g, 16))
+        return {"src": src, "mod": b.module(block), "what": " + ".join(kinds)}
+
+
 @step("sort", 0.5)
 class Sort(Step):
     """Sorted values (continuous, but the order they come from is a discrete choice)."""
@@ -1244,7 +1298,9 @@ def _classify(case: Case) -> Outcome:
         return Outcome("invalid", f"{type(error).__name__}: {error}")
     before = _state(program)
     try:
-        result = bnfold.fold_with_report(program, x, inplace=case.options.inplace)
+        result = bnfold.fold_with_report(
+            program, x, inplace=case.options.inplace, reparameterize=case.options.reparameterize
+        )
     except bnfold.BnfoldError as error:
         if not _same_state(_state(program), before):
             return Outcome("changed", f"after {type(error).__name__}")
