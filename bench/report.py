@@ -391,7 +391,8 @@ def _check_sections(out: Path) -> list[str]:
             f"({fuzz['seconds'] / 60:.0f} minutes): random programs mixing every layer, norm, constant and "
             "look-through op bnfold knows, in-place ops (through aliases too), shared modules, tied weights, weights "
             "and constants read elsewhere, cat/chunk/split, reshapes that keep or interleave channels, pooling, "
-            "several and integer outputs, and `inplace=True`. Each is folded and judged by an oracle of the fuzzer's "
+            "several and integer outputs, blocks of parallel branches, `inplace=True` and `reparameterize=True`. Each "
+            "is folded and judged by an oracle of the fuzzer's "
             "own (float64 copies of the original and of the folded model, output by output). `folded`: outputs "
             "equal; `refused`: a `BnfoldError` with its reason, original untouched; `crash`: any other exception; "
             "`wrong`: a returned model whose outputs differ; `changed`: the original was modified; `invalid`: the "
@@ -404,4 +405,12 @@ def _check_sections(out: Path) -> list[str]:
             "shrinks with `--shrink`; CI runs 600 programs (tests/test_fuzz.py).",
             "",
         ]
+        seeds = [
+            f"{error}: seeds {', '.join(map(str, found))}" for error, found in fuzz.get("refused_seeds", {}).items()
+        ]
+        bad = [f"seed {b['seed']} ({b['kind']}): {b['detail'][:160]}" for b in fuzz.get("bad", [])]
+        if seeds or bad:
+            parts += ["First refused seeds: " + "; ".join(seeds) + "." if seeds else "", ""]
+            parts += [*(f"- {line}" for line in bad), ""] if bad else []
+        parts += [*(f"{note}" for note in fuzz.get("notes", [])), ""] if fuzz.get("notes") else []
     return parts
