@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,13 @@ def _cost(results: dict[str, Any], tools: list[str]) -> str:
                 cells.append("fails" if info["error"] != "not installed" else "n/a")
                 continue
             mb = (probes.get(tool) or {}).get("peak_extra_mb")
-            cells.append(f"{info['fold_s']:.2f} s, " + (f"{mb:.0f} MB" if mb is not None else "?"))
+            forwards = info["fold_s"] / (row["latency_ms"]["original"] / 1e3) if row.get("latency_ms") else None
+            cells.append(
+                f"{info['fold_s']:.2f} s"
+                + (f" ({forwards:.1f} fwd)" if forwards is not None else "")
+                + ", "
+                + (f"{mb:.0f} MB" if mb is not None else "?")
+            )
         rows.append(cells)
     return _table(["model", *tools], rows)
 
@@ -289,8 +296,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "## Cost of folding",
         "",
         "Fold time of the call as its users make it (measured in the benchmark process, after warm-up; "
-        "bnfold's time includes copying the model, running it to trace and running the copy to check the outputs) "
-        "and peak extra resident memory of the call (measured in a fresh process per tool and model).",
+        "bnfold's time includes copying the model, running it to trace and running the copy to check the outputs), "
+        "the same in units of the model's own forward time (fwd: the original's batch-1 latency above), "
+        "and peak extra resident memory of the call (measured in a fresh process per tool and model). "
+        "What a verified fold costs step by step: `python bench/cost.py` (below).",
         "",
         _cost(results, tools),
         "",
@@ -310,5 +319,98 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         _scaling(results, [t for t in tools if results["scaling"] and t in results["scaling"][0]]),
         "",
         *([f"![scaling]({plots[1]})", ""] if len(plots) > 1 else []),
+        *_check_sections(out),
     ]
     (out / "benchmarks.md").write_text("\n".join(parts))
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_sections(out: Path) -> list[str]:
+    """The sections measured by their own scripts, from the JSON files they write next to benchmarks.json:
+    the cost of a verified fold (bench/cost.py), the float64 check (bench/float64_factor.py) and the
+    differential fuzzer (bench/fuzz.py)."""
+    parts: list[str] = []
+    cost = _load(out / "cost.json")
+    if cost:
+        rows = [
+            [
+                r["model"],
+                f"{r['forward_ms']:.1f}",
+                f"{r['fold_in_forwards']:.2f}",
+                f"{r['traced_in_forwards']:.2f}",
+                f"{r['copy_in_forwards']:.2f}",
+                f"{r['fold_over_bound_budget']:.2f}",
+            ]
+            for r in cost["rows"]
+        ]
+        parts += [
+            "## What a verified fold costs",
+            "",
+            f"`python bench/cost.py{' --cpu-time' if cost.get('cpu_time') else ''}` ({cost.get('date', '?')}): "
+            "median times, in units of the model's own forward pass (batch 1): `bnfold.fold(model, x)` whole "
+            "(trace, plan, copy, fold, check), the traced forward it runs, and one copy of the model. The last "
+            "column is the fold against the budget traced forward + folded forward + copy; the aim is at most "
+            "1.25. "
+            + ("Single-threaded CPU time (the machine was busy with other work). " if cost.get("cpu_time") else "")
+            + "The float64 run of the check happens only when the float32 comparison fails, so it is not in these "
+            "figures.",
+            "",
+            _table(["model", "forward (ms)", "fold (forwards)", "traced forward", "copy", "fold / budget"], rows),
+            "",
+        ]
+    factor = _load(out / "float64_factor.json")
+    if factor:
+        rows = [
+            [r["model"], r["fold"], str(r["outputs"]), f"{r['median']:.3g}", f"{r['max']:.3g}"] for r in factor["rows"]
+        ]
+        parts += [
+            "## Rounding or a wrong fold: the float64 check",
+            "",
+            "When the folded model's float32 outputs differ from the original's beyond tolerance, bnfold runs the "
+            "original once in float64 and accepts the fold only if the folded model is no further from that run "
+            "than the original's own float32 outputs are, within a factor (`bnfold.verify.FLOAT64_FACTOR`), and "
+            "every folded layer matches on the original's own inputs. The ratio of the two distances, on models "
+            f"that amplify rounding ({factor['seeds']} seeds each; `python bench/float64_factor.py`), for exact folds "
+            "and for folds made wrong by 1%:",
+            "",
+            _table(["model", "fold", "outputs failing float32", "folded / unfolded: median", "max"], rows),
+            "",
+        ]
+    fuzz = _load(out / "fuzz.json")
+    if fuzz:
+        counts = fuzz["counts"]
+        kinds = ["folded", "refused", "crash", "wrong", "changed", "invalid"]
+        refusals = ", ".join(f"{n} {k}" for k, n in sorted(fuzz.get("refusals", {}).items())) or "none"
+        parts += [
+            "## Differential fuzzing",
+            "",
+            f"`python bench/fuzz.py --programs {fuzz['programs']} --json docs/fuzz.json` "
+            f"({fuzz['seconds'] / 60:.0f} minutes): random programs mixing every layer, norm, constant and "
+            "look-through op bnfold knows, in-place ops (through aliases too), shared modules, tied weights, weights "
+            "and constants read elsewhere, cat/chunk/split, reshapes that keep or interleave channels, pooling, "
+            "several and integer outputs, blocks of parallel branches, `inplace=True` and `reparameterize=True`. Each "
+            "is folded and judged by an oracle of the fuzzer's "
+            "own (float64 copies of the original and of the folded model, output by output). `folded`: outputs "
+            "equal; `refused`: a `BnfoldError` with its reason, original untouched; `crash`: any other exception; "
+            "`wrong`: a returned model whose outputs differ; `changed`: the original was modified; `invalid`: the "
+            "random program itself could not run (not bnfold's doing). "
+            f"{fuzz.get('sites_folded', 0)} norm layers and constants were folded in all.",
+            "",
+            _table(["programs", *kinds], [[str(fuzz["programs"]), *(str(counts.get(k, 0)) for k in kinds)]]),
+            "",
+            f"Refusals by error: {refusals}. A failing seed replays with `python bench/fuzz.py --replay SEED` and "
+            "shrinks with `--shrink`; CI runs 600 programs (tests/test_fuzz.py).",
+            "",
+        ]
+        seeds = [
+            f"{error}: seeds {', '.join(map(str, found))}" for error, found in fuzz.get("refused_seeds", {}).items()
+        ]
+        bad = [f"seed {b['seed']} ({b['kind']}): {b['detail'][:160]}" for b in fuzz.get("bad", [])]
+        if seeds or bad:
+            parts += ["First refused seeds: " + "; ".join(seeds) + "." if seeds else "", ""]
+            parts += [*(f"- {line}" for line in bad), ""] if bad else []
+        parts += [*(f"{note}" for note in fuzz.get("notes", [])), ""] if fuzz.get("notes") else []
+    return parts

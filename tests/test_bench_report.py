@@ -42,3 +42,23 @@ def test_cuda_latency_table_appears_only_with_cuda_figures(tmp_path):
     text = (tmp_path / "benchmarks.md").read_text()
     assert "CUDA latency (Example GPU)" in text
     assert text.count("| tv/resnet18 |") == cpu_only.count("| tv/resnet18 |") + 1  # one more table row
+
+
+def test_the_checks_own_measurements_get_their_sections(tmp_path):
+    results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+    write_report(results, tmp_path)
+    assert "## Differential fuzzing" not in (tmp_path / "benchmarks.md").read_text()
+    row = {"model": "tv/resnet18", "forward_ms": 40.0, "fold_in_forwards": 3.3, "traced_in_forwards": 1.2}
+    row |= {"copy_in_forwards": 0.5, "fold_over_bound_budget": 1.19}
+    (tmp_path / "cost.json").write_text(json.dumps({"date": "today", "cpu_time": True, "rows": [row]}))
+    factor = {"model": "sin(1e6 x)", "fold": "exact", "outputs": 8, "median": 0.9, "max": 1.4}
+    (tmp_path / "float64_factor.json").write_text(json.dumps({"seeds": 8, "rows": [factor]}))
+    fuzz = {"programs": 10, "counts": {"folded": 9, "refused": 1}, "refusals": {"VerificationError": 1}}
+    fuzz |= {"sites_folded": 12, "seconds": 60.0, "bad": []}
+    (tmp_path / "fuzz.json").write_text(json.dumps(fuzz))
+    write_report(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "| tv/resnet18 | 40.0 | 3.30 | 1.20 | 0.50 | 1.19 |" in text
+    assert "| sin(1e6 x) | exact | 8 | 0.9 | 1.4 |" in text
+    assert "| 10 | 9 | 1 | 0 | 0 | 0 | 0 |" in text
+    assert "Refusals by error: 1 VerificationError." in text

@@ -74,7 +74,77 @@ def test_bnfold_works_without_torchvision_and_timm(tmp_path):
         print("ok", bnfold.compat.norm_act_types(), bnfold.compat.frozen_batchnorm_types())
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    source = os.path.dirname(os.path.dirname(bnfold.__file__))  # this checkout's bnfold, not another one
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), source]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok () ()"
+
+
+# -- in-place writes through aliases -----------------------------------------------------------------
+class _Tagged(torch.Tensor):
+    """A Tensor subclass: an alias of the same storage that is neither a view nor a detach."""
+
+
+def _alias(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """A tensor that shares ``h``'s memory without being ``h`` (most have no ``_base``)."""
+    if kind == "detach":
+        return h.detach()
+    if kind == "data":
+        return h.data  # not even the same version counter
+    if kind == "view":
+        return h.view(-1)
+    if kind == "as_strided":
+        return h.as_strided((h.numel(),), (1,))
+    if kind == "set_":
+        return torch.empty(0).set_(h.untyped_storage(), h.storage_offset(), h.shape, h.stride())
+    return h.as_subclass(_Tagged)
+
+
+class WritesThroughAlias(nn.Module):
+    """The reproduction of issue 10, bug 1: ``h`` is changed in place after ``bn`` read it, so ``bn`` may not
+    fold forward into ``fc1`` (which would then read the changed ``h``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc0, self.bn, self.fc1 = nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc0(x)
+        y = self.bn(h)  # h is read again below, so bn cannot fold backward into fc0
+        _alias(self.kind, h).add_(1.0)
+        return self.fc1(y).argmax(1)
+
+
+@pytest.mark.parametrize("kind", ["detach", "data", "view", "as_strided", "set_", "subclass"])
+def test_a_write_through_any_alias_after_the_norm_read_is_seen(kind):
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    model = WritesThroughAlias(kind).eval()
+    model.bn.running_mean.normal_(0, 0.5)
+    model.bn.running_var.uniform_(0.3, 3)
+    folded = bnfold.fold(model, x)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+    assert len(bnfold.plan(model, x).kept) == 1
+
+
+def test_a_write_through_an_alias_of_the_weight_is_a_use_of_the_weight():
+    class ClipsItsWeight(nn.Module):
+        """Clips the conv's weight in place on every call, through an alias made once (weight clipping):
+        a weight scaled by folding would be clipped again."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.weight_alias = self.conv.weight.detach()
+            self.weight_alias.clamp_(-0.1, 0.1)  # so that calling the original does not change it
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.weight_alias.clamp_(-0.1, 0.1)
+            return self.bn(self.conv(x))
+
+    model = ClipsItsWeight().eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "changes its parameters in place" in result.report.plan.kept[0].reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from torch import Tensor, nn
 from . import compat
 from .errors import FoldError
 from .graph import DataFlowGraph, trace_execution, trace_symbolic
-from .layercheck import Probes, Recording, compare, probes_for, record
+from .layercheck import compare, probes_for, record
+from .lineage import Lineage, LineageMode
 from .nested import detached_copy, iter_tensors
 from .norms import TRAINING_REASON
 from .plan import FoldPlan
@@ -22,7 +24,14 @@ from .report import FoldReport, largest_weight, model_size
 from .rules import AnyRule, RuleTable, build_rules
 from .running import inference
 from .surgery import apply_plan, clone_model, undo_all
-from .verify import OutputDiff, compare_outputs, mismatch_error
+from .verify import (
+    Observed,
+    OutputDiff,
+    compare_observed,
+    judge_float64,
+    layer_mismatch_error,
+    output_mismatch_error,
+)
 
 VerifyMode = Literal["outputs", "layers"]
 VERIFY_MODES = ("outputs", "layers")
@@ -46,8 +55,8 @@ def _check_model(model: Any, caller: str) -> nn.Module:
                 f"bnfold.{caller}() got {what} (OptimizedModule); fold the module before compiling it: "
                 f"bnfold.{caller}(compiled._orig_mod, ...), then torch.compile the result"
             )
-        for tname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if nn.parameter.is_lazy(t):
+        for tname, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is not None and nn.parameter.is_lazy(t):
                 where = f"'{name}'" if name else "the model"
                 raise ValueError(
                     f"{where} ({type(module).__name__}) is not initialised yet ({tname} is an uninitialised lazy "
@@ -160,27 +169,67 @@ def _has_float_values(outputs: Any) -> bool:
     return any(t.is_floating_point() and t.numel() > 0 for t in iter_tensors(outputs))
 
 
-def _run_folded(
-    target: nn.Module, model: nn.Module, args: tuple[Any, ...], checks: tuple[Probes, Recording] | None
-) -> Any:
-    """The folded model's outputs, or with ``checks`` what its probes see with the reference's inputs."""
+def _failed_run(model: nn.Module, error: Exception) -> FoldError:
+    """The folded model's own code relied on something folding removed."""
+    return FoldError(
+        f"the folded {type(model).__name__} could not run on example_inputs "
+        f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
+    )
+
+
+def _observe(target: nn.Module, args: tuple[Any, ...], sources: bool) -> Observed:
+    """Run ``target`` as the trace ran the original (no grad, fixed seed, buffers restored), and with
+    ``sources`` also record the floats behind its integer outputs."""
+    with inference(target):
+        if not sources:
+            return Observed(target(*detached_copy(args)))
+        lineage = Lineage()
+        with LineageMode(lineage):
+            outputs = target(*detached_copy(args))
+        return Observed(outputs, lineage.output_sources(outputs))
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose floating-point parameters, buffers and tensor attributes are float64 (made
+    directly, without a float32 copy first)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        named = list(module._parameters.values()) + list(module._buffers.values()) + list(vars(module).values())
+        for t in named:
+            if isinstance(t, Tensor) and id(t) not in memo and t.is_floating_point():
+                value = t.detach().to(torch.float64)
+                memo[id(t)] = nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
+    return copy.deepcopy(model, memo)
+
+
+def _to_float64(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(torch.float64) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_float64(o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float64(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_float64(v) for k, v in obj.items()}
+    return obj
+
+
+def _observe_float64(model: nn.Module, args: tuple[Any, ...], sources: bool) -> Observed:
+    """The original's outputs computed in float64: how far float32 rounding alone moves them."""
+    twin = _float64_copy(model)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # tensors the model makes as it runs
     try:
-        if checks is not None:
-            return record(target, args, checks[0], replay=checks[1])
-        with inference(target):
-            return target(*detached_copy(args))
-    except Exception as error:  # the model's own code relied on something folding removed
-        raise FoldError(
-            f"the folded {type(model).__name__} could not run on example_inputs "
-            f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
-        ) from error
+        return _observe(twin, _to_float64(detached_copy(args)), sources)
+    finally:
+        torch.set_default_dtype(default)
 
 
-def _layer_diffs_after_failure(
+def _layer_diffs(
     model: nn.Module, target: nn.Module, found: FoldPlan, rules: RuleTable, args: tuple[Any, ...], inplace: bool
 ) -> list[OutputDiff] | None:
-    """Check each fold on the original's own inputs, to tell a wrong fold from a model that amplifies
-    rounding. ``model`` is the original as it was (folded again, briefly, when folding in place)."""
+    """Check each fold on the original's own inputs (None when that check cannot run). ``model`` is the
+    original as it was (folded again, briefly, when folding in place)."""
     probes = probes_for(found)
     try:
         reference = record(model, args, probes)
@@ -191,8 +240,40 @@ def _layer_diffs_after_failure(
             return compare(reference, record(model, args, probes, replay=reference), probes)
         finally:
             undo_all(undo)
-    except Exception:  # the diagnosis is a courtesy: the output check has already failed
+    except Exception:  # the verdict below says that this check could not run
         return None
+
+
+def _rounding_or_wrong(
+    model: nn.Module,
+    target: nn.Module,
+    found: FoldPlan,
+    rules: RuleTable,
+    args: tuple[Any, ...],
+    inplace: bool,
+    reference: Observed,
+    actual: Observed,
+    failed: list[OutputDiff],
+) -> None:
+    """The float32 outputs differ beyond tolerance: return when that is rounding the model amplifies, raise
+    :class:`VerificationError` when it is (or may be) a wrong fold. ``model`` is the original as it was.
+
+    Rounding, when both hold: a float64 run of the original is no closer to the original's float32 outputs
+    than to the folded model's (within FLOAT64_FACTOR), so the fold moved the outputs no more than float32
+    rounding does; and every folded region gives the original's values on the original's own inputs.
+    """
+    try:
+        float64 = _observe_float64(model, args, bool(reference.sources))
+    except Exception as error:  # e.g. a model that casts to float32 itself
+        layers = _layer_diffs(model, target, found, rules, args, inplace)
+        raise output_mismatch_error(
+            failed, layers=layers, float64_failure=f"{type(error).__name__}: {error}"
+        ) from error
+    judgements = judge_float64(failed, reference, actual, float64)
+    del float64
+    layers = _layer_diffs(model, target, found, rules, args, inplace)
+    if layers is None or not all(d.ok for d in layers) or not all(j.ok for j in judgements):
+        raise output_mismatch_error(failed, layers=layers, judgements=judgements)
 
 
 def _fold(
@@ -216,9 +297,11 @@ def _fold(
     weights_before = {s.norm: largest_weight(model, s.partners) for s in found.sites if s.kind == "merge"}
     checked = None
     checks = None
+    reference = Observed(graph.reference_outputs, graph.output_sources, graph.output_magnitudes)
     if args is not None:
-        # Outputs with no floating-point values (no detections, class indices) would prove nothing.
-        checked = "layers" if verify == "layers" or not _has_float_values(graph.reference_outputs) else "outputs"
+        # Outputs with no floating-point values, nor any known to come from floats, would prove nothing.
+        comparable = _has_float_values(reference.outputs) or any(s.tensors for s in reference.sources.values())
+        checked = "layers" if verify == "layers" or not comparable else "outputs"
         if checked == "layers":
             probes = probes_for(found)
             checks = (probes, record(model, args, probes))  # before folding: also right when folding in place
@@ -229,17 +312,27 @@ def _fold(
     if args is not None:
         try:
             if checks is not None:
-                diffs = compare(checks[1], _run_folded(target, model, args, checks), checks[0])
+                try:
+                    seen = record(target, args, checks[0], replay=checks[1])
+                except Exception as error:
+                    raise _failed_run(model, error) from error
+                diffs = compare(checks[1], seen, checks[0])
                 failed = [d for d in diffs if not d.ok]
                 if failed:
-                    raise mismatch_error(failed, what="folded layer")
+                    raise layer_mismatch_error(failed)
             else:
-                diffs = compare_outputs(graph.reference_outputs, _run_folded(target, model, args, None))
+                try:
+                    actual = _observe(target, args, sources=bool(reference.sources))
+                except Exception as error:
+                    raise _failed_run(model, error) from error
+                diffs = compare_observed(reference, actual)
                 failed = [d for d in diffs if not d.ok]
                 if failed:
-                    undo_all(undo)
-                    layers = _layer_diffs_after_failure(model, target, found, rules, args, inplace)
-                    raise mismatch_error(failed, layers=layers)
+                    undo_all(undo)  # the original as it was, for the float64 run and the per-layer check
+                    _rounding_or_wrong(model, target, found, rules, args, inplace, reference, actual, failed)
+                    checked = "float64"
+                    if inplace:
+                        undo = apply_plan(model, found, rules, undoable=True)
         except BaseException:
             undo_all(undo)
             raise
@@ -286,10 +379,12 @@ def fold(
     ``inplace=False`` (default) returns a folded copy and leaves ``model`` bit-identical;
     ``inplace=True`` folds ``model`` itself and returns it.
 
-    ``verify="outputs"`` (default) compares the model's outputs. ``verify="layers"`` instead checks each
-    folded layer on the original's own inputs: for models whose outputs jump with tiny rounding
-    differences (sorting, top-k, thresholds, non-maximum suppression: detection models). bnfold checks
-    the layers by itself when the outputs hold no floating-point values to compare.
+    ``verify="outputs"`` (default) compares the model's outputs (integer outputs through the floats they were
+    computed from). When they differ beyond float32 rounding, the original runs once more in float64 (a float64
+    copy of it, briefly): the fold passes when the folded model is no further from that run than the original's
+    own float32 outputs are, and every folded layer gives the original's values on the original's own inputs.
+    So models whose outputs jump with tiny rounding differences (detection models) fold under this check too.
+    ``verify="layers"`` checks only each folded layer on the original's own inputs, not the model end to end.
 
     ``reparameterize=True`` also merges parallel branches that read the same tensor and are summed
     (RepVGG, MobileOne, ACNet, DBB blocks, and a user's own) into one convolution: the module around them

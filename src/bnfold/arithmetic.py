@@ -76,16 +76,6 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"unknown weight layout {layout!r}; expected 'conv', 'conv_transpose' or 'linear'")
 
 
-def _scaled_output_f64(w: Tensor, s: Tensor, layout: Layout, groups: int) -> Tensor:
-    """``w`` (float64) with output channel ``o`` multiplied by ``s[o]``."""
-    kernel = (1,) * (w.dim() - 2)
-    if layout == "conv_transpose":
-        # (in, out/groups, *k): output channel o = group * (out/groups) + j
-        grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-        return (grouped * s.reshape(groups, 1, w.shape[1], *kernel)).reshape(w.shape)
-    return w * s.reshape(-1, *([1] * (w.dim() - 1)))
-
-
 def _scaled_input_f64(w: Tensor, s: Tensor, layout: Layout, groups: int) -> Tensor:
     """``w`` (float64) with input feature ``i`` multiplied by ``s[i]``.
 
@@ -112,30 +102,78 @@ def _per_output_sum_f64(w: Tensor, layout: Layout, groups: int) -> Tensor:
     return w.reshape(w.shape[0], -1).sum(dim=1)
 
 
-def scale_output_channels(weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1) -> Tensor:
-    """Return ``weight`` with each output channel multiplied by ``scale`` (float64 math, weight's dtype).
+# Elements per float64 temporary when scaling a weight on the CPU: small enough to stay in cache, so that scaling
+# costs about one read and one write of the weight instead of several passes over float64 copies of it.
+_CHUNK = 1 << 16
+
+
+def _channel_factor(shape: torch.Size, s: Tensor, layout: Layout, groups: int, axis: str) -> Tensor:
+    """The float64 factor each element of a weight of ``shape`` is multiplied by, as a matrix over its first two
+    axes (one row when every row gets the same factor, one column when every column does)."""
+    rows, cols = shape[0], shape[1]
+    if axis == "output":
+        if layout == "conv_transpose":
+            # (in, out/groups, *k): output channel group * (out/groups) + j, for the inputs of that group
+            return s.reshape(groups, 1, cols).expand(groups, rows // groups, cols).reshape(rows, cols)
+        return s.reshape(rows, 1)
+    if layout == "linear":
+        # a Linear reading a flattened (C, *spatial) map: feature f belongs to channel f // (features / C)
+        return s.repeat_interleave(cols // s.numel()).reshape(1, cols)
+    if layout == "conv_transpose":
+        return s.reshape(rows, 1)
+    # (out, in/groups, *k): input channel group * (in/groups) + i, for the outputs of that group
+    return s.reshape(groups, 1, cols).expand(groups, rows // groups, cols).reshape(rows, cols)
+
+
+def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: str, out: Tensor | None) -> Tensor:
+    """``weight`` times its channel factor, each element computed in float64 and rounded once to its dtype;
+    written into ``out`` when given (``weight`` itself included: each chunk is read before it is written)."""
+    _check_layout(layout)
+    device = _work_device(weight)
+    w = weight.detach().to(device)
+    factor = _channel_factor(w.shape, _f64(scale, device), layout, groups, axis)
+    factor = factor.reshape(*factor.shape, *([1] * (w.dim() - 2)))
+    target = out.detach() if out is not None and out.device == device else None
+    result = target if target is not None else torch.empty(w.shape, dtype=w.dtype, device=device)
+    # on an accelerator one pass is faster than many small ones
+    step = max(1, _CHUNK // max(1, w[0].numel())) if device.type == "cpu" else max(1, w.shape[0])
+    buffer = torch.empty((min(step, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=device)
+    for i in range(0, w.shape[0], step):
+        n = min(step, w.shape[0] - i)
+        part = buffer[:n]
+        part.copy_(w[i : i + n])
+        part.mul_(factor if factor.shape[0] == 1 else factor[i : i + n])
+        result[i : i + n].copy_(part)
+    if out is not None and target is None:
+        out.detach().copy_(result)
+        return out
+    return result if target is not None else result.to(weight.device)
+
+
+def scale_output_channels(
+    weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1, out: Tensor | None = None
+) -> Tensor:
+    """Return ``weight`` with each output channel multiplied by ``scale`` (float64 math, weight's dtype), in
+    ``out`` when given (it may be ``weight`` itself).
 
     >>> w = torch.ones(3, 2)
     >>> scale_output_channels(w, torch.tensor([1.0, 2.0, 3.0]), "linear")[:, 0].tolist()
     [1.0, 2.0, 3.0]
     """
-    _check_layout(layout)
-    device = _work_device(weight)
-    out = _scaled_output_f64(_f64(weight, device), _f64(scale, device), layout, groups)
-    return out.to(device=weight.device, dtype=weight.dtype)
+    return _scaled(weight, scale, layout, groups, "output", out)
 
 
-def scale_input_channels(weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1) -> Tensor:
-    """Return ``weight`` with each input channel multiplied by ``scale`` (float64 math, weight's dtype).
+def scale_input_channels(
+    weight: Tensor, scale: Tensor, layout: Layout, groups: int = 1, out: Tensor | None = None
+) -> Tensor:
+    """Return ``weight`` with each input channel multiplied by ``scale`` (float64 math, weight's dtype), in
+    ``out`` when given (it may be ``weight`` itself).
 
     >>> w = torch.ones(1, 4)
     >>> scale_input_channels(w, torch.tensor([1.0, 2.0]), "linear").tolist()  # 2 channels x 2 positions
     [[1.0, 1.0, 2.0, 2.0]]
     """
-    _check_layout(layout)
-    device = _work_device(weight)
-    out = _scaled_input_f64(_f64(weight, device), _f64(scale, device), layout, groups)
-    return out.to(device=weight.device, dtype=weight.dtype)
+    return _scaled(weight, scale, layout, groups, "input", out)
 
 
 def input_shift_response(weight: Tensor, shift: Tensor, layout: Layout, groups: int = 1) -> Tensor:

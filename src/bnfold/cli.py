@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         choices=["outputs", "layers"],
         default="outputs",
-        help="check the model's outputs (default), or each folded layer on the original's inputs "
-        "(for detection models, whose outputs jump with tiny rounding differences)",
+        help="check the model's outputs (default; a float64 run of the original tells amplified rounding from "
+        "a wrong fold), or only each folded layer on the original's inputs (not the model end to end)",
     )
     parser.add_argument("--device", default="cpu", help="device to fold and check on, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and the example input")

@@ -45,8 +45,9 @@ class VerificationError(BnfoldError):
         error: its maximum absolute difference.
         tolerance: the tolerance it was compared against.
         layers_match: after a failed output check, whether every folded layer matched the original on the
-            same inputs (``True``: the model amplifies rounding, see ``verify="layers"``; ``False``: a fold
-            is wrong; ``None``: not known, or the per-layer check itself failed).
+            same inputs (``False``: a fold is wrong, and the message names it; ``True``: each fold is right but
+            the outputs are not, so the plan misread how the layers are connected; ``None``: the per-layer
+            check could not run).
     """
 
     def __init__(

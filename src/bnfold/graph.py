@@ -5,9 +5,15 @@ tracing the model does. Two tracers build the same :class:`DataFlowGraph`:
 
 - :func:`trace_execution` runs the model once on example inputs, with hooks on
   the modules and a ``TorchFunctionMode`` that sees every tensor op outside the
-  recorded modules (functional calls, ``x + y``, indexing, in-place ops). Tensors
-  are keyed by identity *and* version, because an in-place op changes a tensor
-  without making a new one. It follows Python control flow as taken.
+  recorded modules (functional calls, ``x + y``, indexing, in-place ops). A value
+  is a tensor object *and* the state of the memory behind it: an in-place op
+  changes a tensor without making a new one, and it may do so through any alias
+  of the same storage (a view, ``.detach()``, ``.data``, ``as_strided``, ``set_``,
+  a Tensor subclass), most of which have no ``_base`` and some not even the same
+  version counter. So every op the mode sees (inside modules too) and every module
+  call has the version counters of its tensor arguments compared before and after:
+  a write counts against the storage behind the tensor written, and a value's key
+  holds the count of its storage. It follows Python control flow as taken.
 - :func:`trace_symbolic` uses ``torch.fx`` when there are no example inputs.
 
 The graph answers: which call produced each value, which calls consume it, how
@@ -23,7 +29,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -32,8 +38,10 @@ from torch.overrides import TorchFunctionMode
 
 from .classes import has_type
 from .errors import TraceError
+from .lineage import Lineage
 from .nested import detached_copy, iter_tensors
 from .running import inference, preserved_buffers, seeded
+from .verify import Sources
 
 __all__ = [
     "Call",
@@ -50,6 +58,15 @@ __all__ = [
 
 ValueKey = Hashable
 Shape = tuple[int, ...]
+
+
+class TensorKey(NamedTuple):
+    """A value seen by the execution tracer: one tensor object in one state of its memory."""
+
+    serial: int  # the tensor object
+    version: int  # its version counter
+    storage: int | None  # the storage behind it (None: a tensor without one, e.g. sparse)
+    writes: int  # how many writes that storage had seen, through any alias
 
 
 @dataclass
@@ -106,24 +123,30 @@ class DataFlowGraph:
     module_calls: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
     foreign_uses: dict[int, str] = field(default_factory=dict)
     traced_with: str = "example_inputs"
+    # execution tracing: a copy of what the model returned, and for the output check, the floats behind each
+    # integer output and the magnitude of the values entering the op that made each float output (by path)
     reference_outputs: Any = None
-    # execution tracing: the storage root (base tensor) of each value, and the last version each root reached
-    roots: dict[ValueKey, int] = field(default_factory=dict)
+    output_sources: dict[str, Sources] = field(default_factory=dict)
+    output_magnitudes: dict[str, float] = field(default_factory=dict)
     # values that are a parameter or buffer of the model, with its qualified name
     constants: dict[ValueKey, str] = field(default_factory=dict)
+    # execution tracing: the writes each storage had seen when the run ended, and the last version of
+    # each tensor object
+    storage_writes: dict[int, int] = field(default_factory=dict)
     final_versions: dict[int, int] = field(default_factory=dict)
     # execution tracing: every module call that is not inside a module recorded as a whole
     spans: list[Span] = field(default_factory=list)
 
     def changed_later(self, key: ValueKey, reader: int) -> bool:
         """Whether the tensor behind ``key`` may be changed in place after ``reader`` read it (through it
-        or any view of the same storage). Symbolic traces cannot tell: any other reader counts."""
+        or any alias of the same storage). Symbolic traces cannot tell: any other reader counts."""
         if self.traced_with != "example_inputs":
             return any(i != reader for i in self.consumers.get(key, []))
-        root = self.roots.get(key)
-        if root is None or not isinstance(key, tuple):
+        if not isinstance(key, TensorKey) or key.storage is None:
             return True
-        return self.final_versions.get(root, 0) > key[1]
+        return (
+            self.storage_writes.get(key.storage, 0) > key.writes or self.final_versions.get(key.serial, 0) > key.version
+        )
 
     @property
     def has_shapes(self) -> bool:
@@ -174,6 +197,43 @@ class DataFlowGraph:
 
     def calls_of(self, module: nn.Module) -> list[int]:
         return self.module_calls.get(id(module), [])
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in nested tuples, lists and dicts (a list: the tracer looks at them twice)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    found: list[Tensor] = []
+    for item in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ():
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list, dict)):
+            found.extend(_tensors(item))
+    return found
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot be written)
+        return -1
+
+
+def _own_tensors(module: nn.Module) -> list[Tensor]:
+    """The parameters and buffers of ``module`` and its children (layers and norms rarely have children:
+    walking their dicts directly is many times cheaper than ``parameters()`` and ``buffers()``)."""
+    found = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    for child in module._modules.values():
+        if child is not None:
+            found.extend(_own_tensors(child))
+    return found
+
+
+def _versions(tensors: list[Tensor]) -> list[int]:
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [_version(t) for t in tensors]
 
 
 def _op_name(func: Callable[..., Any]) -> str:
@@ -242,6 +302,8 @@ _METADATA_OPS = {
     "Tensor.is_xpu",
     "Tensor.is_nested",
     "Tensor.is_inference",
+    "Tensor.untyped_storage",
+    "Tensor._base",
     "numel",
     "is_floating_point",
     "is_complex",
@@ -290,9 +352,16 @@ class _ExecutionTracer(TorchFunctionMode):
             self.names.setdefault(id(module), name or "<root>")
         self.recorded_types = recorded_types
         self.depth = 0  # > 0 while inside a recorded module: its internals are its own business
+        self.recording: nn.Module | None = None  # that recorded module
         self.quiet = 0  # > 0 while bnfold's own bookkeeping runs
         self.stack: list[tuple[nn.Module, bool, list[ValueKey], list[Shape | None], int]] = []
         self.serials: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
+        self.storages: dict[int, tuple[weakref.ReferenceType[Any], int]] = {}
+        self.writes: dict[int, int] = {}  # storage serial -> writes seen so far
+        # (storage, writes) -> the values seen in that state of that storage
+        self.values_of_state: dict[tuple[int, int], dict[ValueKey, None]] = {}
+        # the writes made during each call being recorded (innermost last)
+        self.write_context: list[list[tuple[int, int]]] = []
         self.counter = itertools.count(1)
         self.completed = 0
         self.last_completed = ""
@@ -302,12 +371,17 @@ class _ExecutionTracer(TorchFunctionMode):
             model.named_buffers(remove_duplicate=False)
         ):
             self.constant_names.setdefault(id(t), name)
+        self.lineage = Lineage(magnitudes=True, constants=self.constant_names)
         # tensor id -> module whose parameter or buffer it is, for layers that may be folded into
         self.owned: dict[int, nn.Module] = {}
+        self.owned_storages: dict[int, nn.Module] = {}  # the same, by storage: a write may use any alias
         for module in model.modules():
             if has_type(module, watched_types):
-                for t in list(module.parameters()) + list(module.buffers()):
+                for t in _own_tensors(module):
                     self.owned[id(t)] = module
+                    storage = self.storage_serial(t)
+                    if storage is not None:
+                        self.owned_storages[storage] = module
 
     # -- value keys -------------------------------------------------------------------------------
     def serial(self, t: Tensor) -> int:
@@ -317,26 +391,63 @@ class _ExecutionTracer(TorchFunctionMode):
             self.serials[id(t)] = entry
         return entry[1]
 
+    def storage_serial(self, t: Tensor) -> int | None:
+        """The storage behind ``t``, the same for every alias of it (None when it has none)."""
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested or wrapper tensors
+            return None
+        entry = self.storages.get(id(storage))
+        if entry is None or entry[0]() is not storage:
+            entry = (weakref.ref(storage), next(self.counter))
+            self.storages[id(storage)] = entry
+        return entry[1]
+
     def key(self, t: Tensor) -> ValueKey:
-        version = t._version
-        key = (self.serial(t), version)
-        # views share their base's version counter: track versions per storage root
-        base = t._base
-        root = self.serial(base if base is not None else t)
-        self.graph.roots[key] = root
+        version = _version(t)
+        serial = self.serial(t)
+        storage = self.storage_serial(t)
+        key = TensorKey(serial, version, storage, 0 if storage is None else self.writes.get(storage, 0))
+        if storage is not None:
+            self.values_of_state.setdefault((storage, key.writes), {})[key] = None
         constant = self.constant_names.get(id(t))
         if constant is not None:
             self.graph.constants[key] = constant
-        if self.graph.final_versions.get(root, -1) < version:
-            self.graph.final_versions[root] = version
+        if self.graph.final_versions.get(serial, -1) < version:
+            self.graph.final_versions[serial] = version
         return key
 
+    def wrote(self, t: Tensor, op: str) -> None:
+        """An op wrote into ``t`` (called by :class:`_StorageWrites` for every aliasing write)."""
+        storage = self.storage_serial(t)
+        if storage is None:
+            return
+        state = (storage, self.writes.get(storage, 0))
+        self.writes[storage] = state[1] + 1
+        if self.write_context:
+            self.write_context[-1].append(state)
+        else:  # a write outside any op the tracer saw: it still reads (and changes) what was there
+            self.graph.add("function", op, None, list(self.values_of_state.get(state, ())), [])
+        owner = self.owned_storages.get(storage)
+        # a module updating its own buffers in its own call (a norm in training mode) is its own business
+        if owner is not None and owner is not self.recording:
+            self.graph.foreign_uses.setdefault(id(owner), f"{op}, which changes its parameters in place")
+
+    def attach_writes(self, call: Call, writes: list[tuple[int, int]]) -> None:
+        """A call that wrote into a storage, through whichever alias, changes every value that lived there:
+        it counts as one of their readers (after folding, a layer's output may become the norm's)."""
+        for state in writes:
+            for key in self.values_of_state.get(state, ()):
+                if key not in call.inputs and call.index not in self.graph.consumers[key]:
+                    self.graph.consumers[key].append(call.index)
+
     def settle_versions(self) -> None:
-        """Record the last version of every storage root still alive after the forward pass."""
+        """Record the writes of every storage and the last version of every tensor still alive."""
+        self.graph.storage_writes = dict(self.writes)
         for ref, serial in list(self.serials.values()):
             t = ref()
             if t is not None and serial in self.graph.final_versions:
-                self.graph.final_versions[serial] = max(self.graph.final_versions[serial], t._version)
+                self.graph.final_versions[serial] = max(self.graph.final_versions[serial], _version(t))
 
     def keys(self, obj: Any) -> tuple[list[ValueKey], list[Shape | None]]:
         tensors = list(iter_tensors(obj))
@@ -365,6 +476,8 @@ class _ExecutionTracer(TorchFunctionMode):
             self.stack.append((module, record, keys, shapes, len(self.graph.calls) if top else -1))
             if record:
                 self.depth += 1
+                self.recording = module
+                self.write_context.append([])
             elif self.depth > 0:
                 self.graph.count_call(module)
         finally:
@@ -374,14 +487,25 @@ class _ExecutionTracer(TorchFunctionMode):
         self.quiet += 1
         try:
             _, record, keys, shapes, start = self.stack.pop()
+            writes: list[tuple[int, int]] = []
             if record:
+                inputs = _tensors((args, kwargs))
+                # a write to an input that no op inside showed (TorchScript, C++ code): its version moved
+                for t, key in zip(inputs, keys, strict=False):
+                    if isinstance(key, TensorKey) and _version(t) != key.version:
+                        if key.storage is None or self.writes.get(key.storage, 0) == key.writes:
+                            self.wrote(t, self.names.get(id(module), "?"))
                 self.depth -= 1
+                self.recording = None
+                writes = self.write_context.pop()
             if start >= 0:
                 out_keys, out_shapes = self.keys(output)
                 if record:
-                    self.graph.add(
+                    call = self.graph.add(
                         "module", self.names.get(id(module), "?"), module, keys, out_keys, shapes, out_shapes
                     )
+                    self.attach_writes(call, writes)
+                    self.lineage.made(_tensors(output), inputs)
                 self.graph.spans.append(Span(module, start, len(self.graph.calls), keys, out_keys))
             self.completed += 1
             self.last_completed = self.names.get(id(module), "?")
@@ -389,23 +513,41 @@ class _ExecutionTracer(TorchFunctionMode):
             self.quiet -= 1
 
     # -- tensor ops ---------------------------------------------------------------------------------
+    def check_writes(self, tensors: list[Tensor], versions: list[int], func: Any) -> None:
+        """An argument whose version moved was written, through it or an alias of its memory."""
+        for t, version in zip(tensors, versions, strict=True):
+            if _version(t) != version:
+                self.wrote(t, _op_name(func))
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.depth > 0 or self.quiet > 0:
+        if self.quiet > 0:
             return func(*args, **kwargs)
+        tensors = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
+        versions = _versions(tensors)
+        if self.depth > 0:  # inside a recorded module: only writes and integer results matter
+            out = self.lineage.observe(func, args, kwargs, tensors)
+            if versions != _versions(tensors):
+                self.check_writes(tensors, versions, func)
+            return out
         name = _op_name(func)
         if name in _METADATA_OPS:
             return func(*args, **kwargs)
-        tensors = list(iter_tensors((args, kwargs)))
         keys, shapes = self.keys(_value_arguments(name, args, kwargs))
         arg_spec, kwarg_spec = self.spec(args), self.spec(kwargs)
         for t in tensors:
             owner = self.owned.get(id(t))
             if owner is not None:
                 self.graph.foreign_uses.setdefault(id(owner), name)
-        out = func(*args, **kwargs)
+        self.write_context.append([])
+        try:
+            out = self.lineage.observe(func, args, kwargs, tensors, hold=True)
+            self.check_writes(tensors, versions, func)
+        finally:
+            writes = self.write_context.pop()
         out_keys, out_shapes = self.keys(out)
-        self.graph.add("function", name, None, keys, out_keys, shapes, out_shapes, arg_spec, kwarg_spec)
+        call = self.graph.add("function", name, None, keys, out_keys, shapes, out_shapes, arg_spec, kwarg_spec)
+        self.attach_writes(call, writes)
         return out
 
     def where(self) -> str:
@@ -449,6 +591,8 @@ def trace_execution(
             tracer.graph.add("output", "<outputs>", None, out_keys, [], out_shapes, None)
             tracer.settle_versions()
             tracer.graph.reference_outputs = detached_copy(output)
+            tracer.graph.output_sources = tracer.lineage.output_sources(output)
+            tracer.graph.output_magnitudes = tracer.lineage.output_magnitudes(output)
     finally:
         for handle in handles:
             handle.remove()

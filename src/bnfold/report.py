@@ -52,8 +52,9 @@ class FoldReport:
     max_abs_error: float | None  # None when there were no example inputs to check with
     max_rel_error: float | None
     worst_output: str | None
-    # how the fold was checked: "outputs" (the model's outputs), "layers" (each folded layer on the
-    # original's inputs), or None (no example inputs)
+    # how the fold was checked: "outputs" (the model's outputs), "float64" (the outputs differ by rounding the
+    # model amplifies: no more than the original's own from a float64 run, and every folded layer matched),
+    # "layers" (each folded layer on the original's inputs), or None (no example inputs)
     checked: str | None = None
     # for each merge: (block, largest |weight| of its branches' convolutions, of the merged convolution);
     # merged kernels can be harder to quantize when the second grows
@@ -236,6 +237,11 @@ def render_report(report: FoldReport, *, width: int | None = None) -> str:
         )
         if report.checked == "layers":
             lines.append("checked:    each folded layer on the original's own inputs (not the model's outputs)")
+        elif report.checked == "float64":
+            lines.append(
+                "checked:    outputs against a float64 run of the original (the model amplifies float32 rounding: "
+                "the folded outputs are no further from it than the original's), and each folded layer"
+            )
     if report.merge_weights:
         before = max(b for _, b, _ in report.merge_weights)
         after = max(a for _, _, a in report.merge_weights)

@@ -146,7 +146,11 @@ def _write_weight(layer: nn.Module, scale: Tensor, layout: Layout, axis: str, un
         _set_attribute(layer, "weight", weight_norm.compute_weight(layer), undo)
         return
     weight = require_tensor(layer, "weight")
-    _copy_into(weight, scaled(weight, scale, layout, groups), undo)
+    if undo.enabled:
+        _copy_into(weight, scaled(weight, scale, layout, groups), undo)
+    else:  # a copy, dropped if anything fails: scale the weight where it is
+        with torch.no_grad():
+            scaled(weight, scale, layout, groups, out=weight)
 
 
 def _write_bias(layer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> None:
