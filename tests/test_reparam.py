@@ -550,3 +550,18 @@ def test_standalone_bottleneck_stays_when_it_is_cheaper():
     result = bnfold.fold_with_report(model, X, reparameterize=True)
     assert result.report.merged == 0 and not result.report.plan.kept  # nothing to report: it stays as it is
     assert running(result.model, X) == (2, 0)  # the norms still fold into the convolutions
+
+
+def test_channels_last_scale_on_a_branch_is_not_a_channel_map():
+    from timm.layers import LayerScale
+
+    class LastAxis(nn.Module):  # LayerScale(9) scales the last axis (width 9), not the 8 channels
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.ls = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1), LayerScale(9, init_values=0.5)
+
+        def forward(self, x):
+            return self.a(x) + self.ls(self.b(x))
+
+    result = bnfold.fold_with_report(randomize_norms(nn.Sequential(LastAxis())).eval(), X, reparameterize=True)
+    assert result.report.merged == 0

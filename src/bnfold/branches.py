@@ -235,6 +235,16 @@ def _is_linear_norm(module: nn.Module, rules: RuleTable) -> bool:
     return norm_rule.replacement is identity_replacement
 
 
+def _on_channels(norm: nn.Module, call: Call, rules: RuleTable) -> bool:
+    """Whether a norm acts on axis 1 of its input (the channels a convolution mixes), with one value per
+    channel there (a channels-last layer scale does not)."""
+    norm_rule = rules.norm_rule(norm)
+    shape = call.input_shapes[0] if call.input_shapes else None
+    if norm_rule is None or shape is None or len(shape) < 3 or norm_rule.channel_axis(norm, len(shape)) != 1:
+        return False
+    return int(norm_rule.affine(norm)[0].numel()) == int(shape[1])
+
+
 def _exact_pool(module: nn.Module) -> bool:
     """An average pool that is a convolution with weights ``1 / k^d``."""
     if not isinstance(module, _AVG_POOLS) or getattr(module, "ceil_mode", False):
@@ -294,7 +304,7 @@ class _Analysis:
                 "conv"
                 if _is_plain_conv(module)
                 else "norm"
-                if _is_linear_norm(module, self.ctx.rules)
+                if _is_linear_norm(module, self.ctx.rules) and _on_channels(module, call, self.ctx.rules)
                 else "pool"
                 if _exact_pool(module)
                 else None

@@ -110,8 +110,11 @@ def pool_form(
 
 def affine_after(form: ConvForm, scale: Tensor, shift: Tensor) -> ConvForm:
     """``scale * form(x) + shift`` per output channel (a norm, a layer scale, a coefficient)."""
-    scale = scale.to(torch.float64).expand(form.out_channels)
-    shift = shift.to(torch.float64).expand(form.out_channels)
+    for values in (scale, shift):
+        if values.numel() not in (1, form.out_channels):
+            raise NotExact(f"a map of {values.numel()} values does not act on the {form.out_channels} channels")
+    scale = scale.to(torch.float64).reshape(-1).expand(form.out_channels)
+    shift = shift.to(torch.float64).reshape(-1).expand(form.out_channels)
     view = (-1,) + (1,) * (form.kernel.dim() - 1)
     return replace(form, kernel=form.kernel * scale.reshape(view), bias=form.bias * scale + shift)
 

@@ -243,10 +243,10 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
             continue
         try:
             block, form = _analyse(found, ctx)
-        except (Kept, NotExact) as keep:
+        except Exception as keep:  # Kept, NotExact, or a shape the analysis did not foresee: never merged
             if not is_sum(found.recipe):
                 continue  # a sequence of convolutions that stays as it is: nothing to report
-            reason = keep.reason if isinstance(keep, Kept) else str(keep)
+            reason = keep.reason if isinstance(keep, Kept) else _words(keep)
             names = ", ".join(f"'{m}'" for m in found.modules)
             rows.append(KeptNorm(f"{_label(found, ctx)} (branches)", "branches", f"branches {names}: {reason}"))
             continue
@@ -278,11 +278,18 @@ def merge_hints(ctx: PlanContext) -> dict[str, str]:
             continue
         try:
             block, _ = _analyse(found, ctx)
-        except (Kept, NotExact):
+        except Exception:  # Kept, NotExact, or anything unforeseen: a hint is a courtesy, never a failure
             continue
         for name in found.modules:
             hints[name] = block.name
     return hints
+
+
+def _words(error: Exception) -> str:
+    """Why a sum was not merged, for a reason: the exactness condition it fails, or what went wrong."""
+    if isinstance(error, NotExact):
+        return str(error)
+    return f"they could not be analysed ({type(error).__name__}: {error}); please report it with the model"
 
 
 def _label(branches: Branches, ctx: PlanContext) -> str:
