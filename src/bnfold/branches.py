@@ -285,6 +285,12 @@ class _Analysis:
         self.steps[call.index] = found
         return found
 
+    def _on_channels(self, norm: nn.Module, call: Call) -> bool:
+        """Whether the norm acts on axis 1 of its input, the channels of a batched convolution."""
+        norm_rule = self.ctx.rules.norm_rule(norm)
+        ndim = call.input_ndims[0] if call.input_ndims else None
+        return norm_rule is not None and ndim is not None and norm_rule.channel_axis(norm, ndim) == 1
+
     def _step(self, call: Call) -> _Found:
         if len(call.outputs) != 1:
             raise _Stop
@@ -301,6 +307,8 @@ class _Analysis:
             )
             if kind is None:
                 raise _Stop
+            if kind == "norm" and not self._on_channels(module, call):
+                raise _Stop  # a channels-last LayerScale on (N, C, H, W) scales W: no convolution's map
             inner = self.value(call.inputs[0], call.index)
             return _Found(
                 Layer(kind, name, inner.recipe),
