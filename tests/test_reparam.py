@@ -565,3 +565,25 @@ def test_channels_last_scale_on_a_branch_is_not_a_channel_map():
 
     result = bnfold.fold_with_report(randomize_norms(nn.Sequential(LastAxis())).eval(), X, reparameterize=True)
     assert result.report.merged == 0
+
+
+def test_a_layer_scale_on_the_last_axis_is_not_a_channel_scale_to_merge():
+    """Found by bench/fuzz.py (seeds 258, 559, 1519, ...): timm's LayerScale(dim) on an (N, C, H, W) value scales
+    its last axis (W), so no convolution computes it; bnfold used to take it for a per-channel scale and crash."""
+    from timm.layers import LayerScale
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.scale, self.conv2 = nn.Conv2d(5, 4, 1), LayerScale(6, 0.5), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            return self.conv2(y + self.scale(y))  # W = 6 here, C = 4
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(2, 5, 7, 6)
+    folded = bnfold.fold(model, x, reparameterize=True)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))

@@ -9,8 +9,9 @@
   read by another op (or freed), so at the end each output still has the inputs of its last op, and the check
   can scale its tolerance with their magnitude.
 
-Both are fed every op the function mode sees, inside modules too, so that a run of the original (traced) and
-of the folded model (a plain :class:`LineageMode`) see the same ops wherever folding did not change them.
+The floats behind integers are followed through every op the function mode sees, inside modules too, so that
+a run of the original (traced) and one of the folded model (a plain :class:`LineageMode`) see the same ops
+wherever folding did not change them. Magnitudes come from the ops and module calls the tracer records.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def _tensors(obj: Any) -> list[Tensor]:
 
 def _is_float(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot be written)
+        return -1
 
 
 class Lineage:
@@ -128,7 +136,7 @@ class Lineage:
         complete = True
         for t in ins:
             if _is_float(t):
-                found.setdefault(id(t), (t, t._version))
+                found.setdefault(id(t), (t, _version(t)))
             else:
                 entry = self._entry(self.sources, t)
                 if entry is not None:
@@ -150,7 +158,7 @@ class Lineage:
             if entry is None:
                 continue
             sources, complete = entry[1]
-            if any(t._version != version for t, version in sources):
+            if any(_version(t) != version for t, version in sources):
                 found[path] = Sources((), False)  # changed in place since: the values it came from are gone
             else:
                 found[path] = Sources(tuple(t.detach().clone() for t, _ in sources), complete)
