@@ -319,20 +319,6 @@ def test_without_example_inputs_linear_batchnorm1d_is_kept_with_advice():
     assert len(p.kept) == 1 and "pass example_inputs" in p.kept[0].reason
 
 
-def test_fold_error_in_place_leaves_the_model_as_it_was():
-    def broken_replacement(norm):
-        raise RuntimeError("cannot build the replacement")
-
-    model = small_net()
-    before = state_snapshot(model)
-    norms = (model[1], model[4])
-    rule = bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, replacement=broken_replacement)
-    with pytest.raises(bnfold.FoldError, match=r"^cannot fold '1' \(BatchNorm2d\) into '0' \(Conv2d\): RuntimeError"):
-        bnfold.fold(model, X, inplace=True, extra_rules=[rule])
-    assert (model[1], model[4]) == norms
-    assert_same_state(model, before)
-
-
 def test_torch_compiled_module_is_refused_with_the_fix():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     with pytest.raises(TypeError, match=r"torch.compile'd module .*compiled._orig_mod"):

@@ -399,23 +399,6 @@ def test_norm_parameters_used_outside_the_norm_are_kept():
     assert len(bnfold.plan(reads_norm_weight().eval()).kept) == 1  # torch.fx sees it too (get_attr)
 
 
-def test_folded_model_that_cannot_run_is_a_fold_error_and_nothing_changes():
-    class NeedsTheNorm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            channels = self.bn.num_features  # a Python attribute of the norm: gone once it is folded
-            return self.bn(self.conv(x)).reshape(x.shape[0], channels, -1)
-
-    model = randomize_norms(NeedsTheNorm()).eval()
-    with pytest.raises(bnfold.FoldError, match=r"^the folded NeedsTheNorm could not run on example_inputs"):
-        bnfold.fold(model, torch.randn(2, 3, 6, 6), inplace=True)
-    assert isinstance(model.bn, nn.BatchNorm2d)
-
-
 class MixedConv(nn.Module):
     """Channels split over convs of different kernels, concatenated, then normalized (MixNet)."""
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from . import compat
 from .errors import FoldError
 from .graph import DataFlowGraph, trace_execution, trace_symbolic
-from .layercheck import compare, probes_for, record
+from .isolate import failure_reason, first_breaking_fold, refusal_name
+from .layercheck import Probes, Recording, compare, probes_for, record
 from .lineage import Lineage, LineageMode
 from .nested import detached_copy, iter_tensors
 from .norms import TRAINING_REASON
@@ -23,7 +24,7 @@ from .planner import make_plan
 from .report import FoldReport, largest_weight, model_size
 from .rules import AnyRule, RuleTable, build_rules
 from .running import inference
-from .surgery import apply_plan, clone_model, undo_all
+from .surgery import Undo, apply_plan, clone_model, undo_all
 from .verify import (
     Observed,
     OutputDiff,
@@ -169,7 +170,7 @@ def _has_float_values(outputs: Any) -> bool:
     return any(t.is_floating_point() and t.numel() > 0 for t in iter_tensors(outputs))
 
 
-def _failed_run(model: nn.Module, error: Exception) -> FoldError:
+def _failed_run(model: nn.Module, error: BaseException) -> FoldError:
     """The folded model's own code relied on something folding removed."""
     return FoldError(
         f"the folded {type(model).__name__} could not run on example_inputs "
@@ -244,6 +245,79 @@ def _layer_diffs(
         return None
 
 
+Run = Callable[[nn.Module], Any]
+
+
+@dataclass(frozen=True)
+class _LayerRun:
+    """What ``verify="layers"`` recorded: the probes of one plan, on the original and on the folded model."""
+
+    probes: Probes
+    reference: Recording
+    seen: Recording
+
+
+def _output_runner(args: tuple[Any, ...], sources: bool) -> Callable[[FoldPlan], Run]:
+    """For each plan: run the folded model and observe its outputs."""
+    return lambda found: lambda target: _observe(target, args, sources)
+
+
+def _layer_runner(model: nn.Module, args: tuple[Any, ...]) -> Callable[[FoldPlan], Run]:
+    """For each plan: record its folded regions on the original (called before the plan is applied, so also
+    right when folding in place), then run the folded model with each region fed the original's inputs."""
+
+    def for_plan(found: FoldPlan) -> Run:
+        probes = probes_for(found)
+        reference = record(model, args, probes)
+        return lambda target: _LayerRun(probes, reference, record(target, args, probes, replay=reference))
+
+    return for_plan
+
+
+def _apply_and_run(
+    model: nn.Module,
+    graph: DataFlowGraph,
+    found: FoldPlan,
+    rules: RuleTable,
+    inplace: bool,
+    reparameterize: bool,
+    runner: Callable[[FoldPlan], Run] | None,
+) -> tuple[nn.Module, Undo, FoldPlan, Any]:
+    """Fold ``found`` into ``model`` (or a copy) and run the result once (``runner`` without example inputs:
+    not at all). A fold that cannot be applied, or that makes the run fail, is kept with the reason (see
+    :mod:`bnfold.isolate`), and the model is planned and folded again without it: one bad fold never blocks
+    the others. Returns the folded model, the undo log, the plan it follows and what the run gave."""
+    refused: dict[str, str] = {}
+    while True:
+        run = runner(found) if runner is not None else None
+        target = model if inplace else clone_model(model)  # a failed copy is simply dropped
+        try:
+            undo = apply_plan(target, found, rules, undoable=inplace)
+        except FoldError as error:
+            site = next((s for s in found.sites if s.norm == error.norm), None)
+            if site is None:
+                raise
+            failure: BaseException = error.__cause__ or error
+            applied = False
+        else:
+            if run is None:
+                return target, undo, found, None
+            try:
+                return target, undo, found, run(target)
+            except Exception as error:
+                undo_all(undo)
+                try:
+                    site, failure = first_breaking_fold(model, found, rules, run)
+                except FoldError:
+                    raise _failed_run(model, error) from error
+                applied = True
+        name = refusal_name(site)
+        if name in refused:  # planned again all the same: never loop
+            raise _failed_run(model, failure) from failure
+        refused[name] = failure_reason(site, failure, applied)
+        found = make_plan(model, graph, rules, reparameterize=reparameterize, refused=refused)
+
+
 def _rounding_or_wrong(
     model: nn.Module,
     target: nn.Module,
@@ -294,37 +368,29 @@ def _fold(
     rules = build_rules(extra_rules)
     found, graph = _plan(model, args, rules, stacklevel=3, reparameterize=reparameterize)
     params_before, bytes_before = model_size(model)
-    weights_before = {s.norm: largest_weight(model, s.partners) for s in found.sites if s.kind == "merge"}
     checked = None
-    checks = None
     reference = Observed(graph.reference_outputs, graph.output_sources, graph.output_magnitudes)
+    runner: Callable[[FoldPlan], Run] | None = None
     if args is not None:
         # Outputs with no floating-point values, nor any known to come from floats, would prove nothing.
         comparable = _has_float_values(reference.outputs) or any(s.tensors for s in reference.sources.values())
         checked = "layers" if verify == "layers" or not comparable else "outputs"
-        if checked == "layers":
-            probes = probes_for(found)
-            checks = (probes, record(model, args, probes))  # before folding: also right when folding in place
-    target = model if inplace else clone_model(model)
-    undo = apply_plan(target, found, rules, undoable=inplace)  # a failed copy is simply dropped
+        runner = _layer_runner(model, args) if checked == "layers" else _output_runner(args, bool(reference.sources))
+    weights_before = {s.norm: largest_weight(model, s.partners) for s in found.sites if s.kind == "merge"}
+    target, undo, found, first = _apply_and_run(model, graph, found, rules, inplace, reparameterize, runner)
+    merges = {s.norm for s in found.sites if s.kind == "merge"}
+    weights_before = {block: weight for block, weight in weights_before.items() if block in merges}
     abs_error = rel_error = None
     worst = None
     if args is not None:
         try:
-            if checks is not None:
-                try:
-                    seen = record(target, args, checks[0], replay=checks[1])
-                except Exception as error:
-                    raise _failed_run(model, error) from error
-                diffs = compare(checks[1], seen, checks[0])
+            if isinstance(first, _LayerRun):
+                diffs = compare(first.reference, first.seen, first.probes)
                 failed = [d for d in diffs if not d.ok]
                 if failed:
                     raise layer_mismatch_error(failed)
             else:
-                try:
-                    actual = _observe(target, args, sources=bool(reference.sources))
-                except Exception as error:
-                    raise _failed_run(model, error) from error
+                actual = cast(Observed, first)
                 diffs = compare_observed(reference, actual)
                 failed = [d for d in diffs if not d.ok]
                 if failed:

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from .classes import layer_type
 from .errors import CheckpointError
 from .files import OutputSet
-from .norms import FoldedNormAct, norm_act_replacement
+from .norms import Contiguous, FoldedNormAct, norm_act_replacement
 from .reparam import MergedConv
 from .statedict import (
     TORCH_SUFFIXES,
@@ -114,6 +114,20 @@ def _recorded_name(module: nn.Module) -> str | None:
     return None
 
 
+def _record_of(module: nn.Module) -> Spec:
+    """A recorded module inside another's record: its class and its own record."""
+    name = _recorded_name(module)
+    if name is None:
+        raise CheckpointError(
+            f"bnfold cannot record a {type(module).__name__}; save the whole module, torch.save(folded)"
+        )
+    return {"class": name, "spec": _RECORDED[name].to_record(module)}
+
+
+def _rebuilt(record: Spec, replaced: nn.Module) -> nn.Module:
+    return _entry(str(record["class"]), "the record").from_record(record["spec"], replaced)
+
+
 def _folded_norm_act(spec: Spec, replaced: nn.Module) -> nn.Module:
     rebuilt = norm_act_replacement(replaced)
     children = {name: type(child).__name__ for name, child in rebuilt.named_children()}
@@ -141,6 +155,16 @@ recorded(
     FoldedNormAct,
     to_record=lambda m: {name: type(child).__name__ for name, child in m.named_children()},
     from_record=_folded_norm_act,
+)
+recorded(
+    Contiguous,
+    to_record=lambda m: {
+        "memory_format": cast(Contiguous, m).memory_format,
+        "inner": None if cast(Contiguous, m).inner is None else _record_of(cast(nn.Module, cast(Contiguous, m).inner)),
+    },
+    from_record=lambda spec, replaced: Contiguous(
+        str(spec["memory_format"]), None if spec.get("inner") is None else _rebuilt(spec["inner"], replaced)
+    ),
 )
 recorded(
     ChannelScale,

@@ -42,6 +42,9 @@ class PlanContext:
     # modules inside a block whose branches are merged (-> the block), and the calls the merges take
     claimed: dict[str, str] = field(default_factory=dict)
     claimed_calls: set[int] = field(default_factory=set)
+    # folds to keep whatever the passes find (norm, constant or merged block -> the reason): folds that made
+    # the folded model fail to run
+    refused: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, module in self.model.named_modules(remove_duplicate=False):

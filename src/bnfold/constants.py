@@ -237,6 +237,8 @@ def constant_rows(ctx: PlanContext) -> list[PlanRow]:
                 sources[call.outputs[0]] = _Source(source.layer, move.axis, (*source.steps, (call, entry)))
             continue
         row = _constant_row(call, sources, inside, ctx)
+        if isinstance(row, FoldSite) and row.norm in ctx.refused:
+            row = KeptNorm(row.norm, row.norm_type, ctx.refused[row.norm], row.partner)
         if row is not None:
             rows.append(row)
     return rows

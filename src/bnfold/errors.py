@@ -34,7 +34,15 @@ class TraceError(BnfoldError):
 
 
 class FoldError(BnfoldError):
-    """A planned fold could not be applied to the model."""
+    """A planned fold could not be applied to the model.
+
+    Attributes:
+        norm: the norm (constant, or merged block) whose fold failed, when it is known.
+    """
+
+    def __init__(self, message: str, *, norm: str | None = None) -> None:
+        super().__init__(message)
+        self.norm = norm
 
 
 class VerificationError(BnfoldError):

@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .classes import has_type
 from .errors import TraceError
+from .layout import memory_format
 from .lineage import Lineage
 from .nested import detached_copy, iter_tensors
 from .running import inference, preserved_buffers, seeded
@@ -84,6 +85,9 @@ class Call:
     # a function call's arguments, tensors replaced by TensorRef(key) (execution tracing only)
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # a recorded module call's inputs and outputs laid out in memory (see memory_format); execution tracing only
+    input_formats: list[str] = field(default_factory=list)
+    output_formats: list[str] = field(default_factory=list)
 
     @property
     def input_ndims(self) -> list[int | None]:
@@ -504,6 +508,8 @@ class _ExecutionTracer(TorchFunctionMode):
                     call = self.graph.add(
                         "module", self.names.get(id(module), "?"), module, keys, out_keys, shapes, out_shapes
                     )
+                    call.input_formats = [memory_format(t) for t in iter_tensors((args, kwargs))]
+                    call.output_formats = [memory_format(t) for t in iter_tensors(output)]
                     self.attach_writes(call, writes)
                     self.lineage.made(_tensors(output), inputs)
                 self.graph.spans.append(Span(module, start, len(self.graph.calls), keys, out_keys))

@@ -3,12 +3,16 @@ layers after it), else stays with the reason each direction failed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from .backward import fold_backward
 from .checks import Kept, PlanContext
 from .classes import layer_type
 from .forward import fold_forward
+from .graph import Call
+from .layout import MEMORY_FORMATS
 from .norms import identity_replacement, norm_act_replacement
 from .plan import FoldSite, KeptNorm, PlanRow
 from .rules import FoldRule
@@ -60,6 +64,9 @@ def _leaves_nothing(rule: FoldRule, norm: nn.Module) -> bool:
 
 
 def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:
+    refused = ctx.refused.get(ctx.name(norm))
+    if refused is not None:
+        raise Kept(refused)
     reason = ctx.rules.unfoldable_reason(norm)
     if reason:
         raise Kept(reason)
@@ -79,6 +86,25 @@ def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:
     if own_reason:
         raise Kept(own_reason)
     call = ctx.graph.calls[calls[0]]
+    layout = _replacement_format(call)
+    return replace(_fold(norm, call, ctx), memory_format=layout)
+
+
+def _replacement_format(call: Call) -> str | None:
+    """The memory format the norm's replacement must give its output, when the norm gave it another layout
+    than its input had (a replacement hands its input on as it is; code after it may rely on the layout,
+    ``.view`` does)."""
+    if not call.input_formats or not call.output_formats:
+        return None  # a symbolic trace records no layouts
+    given, returned = call.input_formats[0], call.output_formats[0]
+    if given == returned:
+        return None
+    if returned not in MEMORY_FORMATS:
+        raise Kept(f"it returns its output laid out with {returned}, which no replacement reproduces")
+    return returned
+
+
+def _fold(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
     directions = ctx.rules.directions(norm)
     try:
         return fold_backward(norm, call, ctx)

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from . import compat
 from .arithmetic import affine_from_stats
+from .layout import MEMORY_FORMATS
 
 __all__ = [
     "NormRule",
@@ -29,6 +30,8 @@ __all__ = [
     "running_stats_reason",
     "no_reason",
     "identity_replacement",
+    "Contiguous",
+    "laid_out",
     "norm_act_replacement",
     "FoldedNormAct",
     "batch_channel_axis",
@@ -135,6 +138,35 @@ class FoldedNormAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.drop(x))
+
+
+class Contiguous(nn.Module):
+    """What takes a folded norm's place when the norm gave its output another memory layout than its input
+    had: ``inner`` (what else the norm leaves, e.g. its activation; nothing for a plain norm), then the values
+    laid out as the norm laid them out, ``x.contiguous(memory_format=...)``, so that code after it that relies
+    on the layout (``.view``) still runs."""
+
+    def __init__(self, memory_format: str, inner: nn.Module | None = None) -> None:
+        super().__init__()
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {sorted(MEMORY_FORMATS)}, got {memory_format!r}")
+        self.memory_format = memory_format
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inner is not None:
+            x = self.inner(x)
+        return x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
+
+    def extra_repr(self) -> str:
+        return f"memory_format={self.memory_format}"
+
+
+def laid_out(replacement: nn.Module, memory_format: str | None) -> nn.Module:
+    """``replacement``, giving its output in ``memory_format`` (None: as it is)."""
+    if memory_format is None:
+        return replacement
+    return Contiguous(memory_format, None if type(replacement) is nn.Identity else replacement)
 
 
 def _child(norm: nn.Module, name: str) -> nn.Module:

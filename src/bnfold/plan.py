@@ -53,7 +53,9 @@ class FoldSite:
     ``partners``: the layers it folds into; ``slices``: for ``kind="concat"``, the ``(start, stop)`` range
     of the norm's channels each partner takes; ``op``: for ``kind="constant"``, the op that applies it;
     ``via``: for a backward fold, norms already folded into the same layer that this one reads through
-    (``conv -> bn -> layer scale``), in the order they apply.
+    (``conv -> bn -> layer scale``), in the order they apply; ``memory_format``: for a norm that gave its
+    output another memory layout than its input had, the format its replacement must give (code after it
+    may rely on it, e.g. ``.view``).
     """
 
     norm: str
@@ -65,6 +67,7 @@ class FoldSite:
     slices: tuple[tuple[int, int], ...] = ()
     op: ConstantOp | None = None
     merge: MergeRecipe | None = None
+    memory_format: str | None = None
 
     @property
     def direction(self) -> Direction:

@@ -21,7 +21,7 @@ Merges come first: the modules they take are no longer there for the other passe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -48,11 +48,12 @@ def make_plan(
     passes: Sequence[PlanPass] | None = None,
     *,
     reparameterize: bool = False,
+    refused: Mapping[str, str] | None = None,
 ) -> FoldPlan:
     """Decide, for every norm layer (and channel-wise constant) of ``model``, whether and where it folds,
     with ``passes`` (default: :data:`PASSES`, read at each call, after :data:`REPARAMETERIZE_PASSES` when
-    ``reparameterize``)."""
-    ctx = PlanContext(model, graph, rules)
+    ``reparameterize``). ``refused``: norms, constants and merged blocks to keep (name -> the reason)."""
+    ctx = PlanContext(model, graph, rules, refused=dict(refused or {}))
     if passes is None:
         passes = (*REPARAMETERIZE_PASSES, *PASSES) if reparameterize else PASSES
     hints = merge_hints(ctx) if not reparameterize and graph.has_shapes else {}

@@ -250,6 +250,11 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
             names = ", ".join(f"'{m}'" for m in found.modules)
             rows.append(KeptNorm(f"{_label(found, ctx)} (branches)", "branches", f"branches {names}: {reason}"))
             continue
+        if block.name in ctx.refused:
+            names = ", ".join(f"'{m}'" for m in found.modules)
+            reason = f"branches {names}: {ctx.refused[block.name]}"
+            rows.append(KeptNorm(f"{block.name} (branches)", "branches", reason))
+            continue
         modules, types = layer_names(found, ctx.model)
         channels, dims = channels_and_dims(found, ctx)
         recipe = MergeRecipe(found.recipe, channels, dims, block.post, describe(form), block.pre)

@@ -23,7 +23,7 @@ from .branches import evaluate
 from .constants import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
 from .layers import out_channels
-from .norms import require_tensor, tensor_attr
+from .norms import laid_out, require_tensor, tensor_attr
 from .plan import FoldKind, FoldPlan, FoldSite
 from .reparam import MergedConv, build_conv
 from .rules import FoldRule, RuleTable
@@ -215,7 +215,7 @@ class Surgery:
 
     def replace_norm(self, site: FoldSite, rule: FoldRule) -> None:
         norm = self.modules[site.norm]
-        _replace(self.parents, norm, rule.replacement(norm), self.undo)
+        _replace(self.parents, norm, laid_out(rule.replacement(norm), site.memory_format), self.undo)
 
 
 def _apply_backward(surgery: Surgery, site: FoldSite) -> None:
@@ -315,7 +315,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable, *, undoable: 
             undo_all(undo)
             raise FoldError(
                 f"cannot fold '{site.norm}' ({site.norm_type}) into '{site.partner}' ({', '.join(site.partner_types)}): "
-                f"{type(error).__name__}: {error}; the model was left unchanged"
+                f"{type(error).__name__}: {error}; the model was left unchanged",
+                norm=site.norm,
             ) from error
     return undo
 
