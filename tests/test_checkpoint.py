@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import bnfold
-from bnfold import checkpoint
+from bnfold import checkpoint, records
 
 from helpers import randomize_norms, state_snapshot
 
@@ -229,7 +229,7 @@ def _scaled() -> nn.Module:
 
 
 def test_a_module_class_that_describes_itself_can_be_recorded(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_RECORDED", dict(checkpoint._RECORDED))
+    monkeypatch.setattr(records, "_RECORDED", dict(records._RECORDED))
     x = torch.randn(1, 3, 8, 8)
     model = _scaled().eval()
     folded = bnfold.fold(model, x, extra_rules=[_scale_rule()])
