@@ -188,3 +188,25 @@ def test_the_fuzzers_transposed_norms_fold():
         bn2=nn.BatchNorm2d(2),
     ).eval()
     check_fold(model, torch.randn(2, 5, 4), folded=2, kept=0)
+
+
+def test_each_fold_that_breaks_the_model_is_found_and_kept():
+    def forward(m, x):
+        y = m.bn1(m.conv1(x)) * (m.bn1.momentum is not None)  # reads bn1 after it ran
+        y = m.bn2(m.conv2(y))
+        y = m.bn3(m.conv3(y))
+        return y.view(y.shape[0], m.bn3.num_features, -1)  # reads bn3 after it ran
+
+    model = Model(
+        forward,
+        conv1=nn.Conv2d(3, 4, 3),
+        bn1=nn.BatchNorm2d(4),
+        conv2=nn.Conv2d(4, 4, 3),
+        bn2=nn.BatchNorm2d(4),
+        conv3=nn.Conv2d(4, 4, 3),
+        bn3=nn.BatchNorm2d(4),
+    ).eval()
+    result = check_fold(model, torch.randn(2, 3, 10, 10), folded=1, kept=2)
+    plan = result.report.plan
+    assert [k.norm for k in plan.kept] == ["bn1", "bn3"] and [s.norm for s in plan.sites] == ["bn2"]
+    assert all("made the folded model fail to run (AttributeError:" in k.reason for k in plan.kept)
