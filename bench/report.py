@@ -328,6 +328,16 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _within_bound(rows: list[dict[str, Any]], bound: float = 1.25) -> str:
+    """How many models a verified fold costs at most ``bound`` x the budget for, and which exceed it."""
+    over = [r for r in rows if r["fold_over_bound_budget"] > bound]
+    text = f"{len(rows) - len(over)} of {len(rows)} models are within {bound}"
+    if not over:
+        return text + "."
+    names = ", ".join(f"{r['model']} ({r['fold_over_bound_budget']:.2f})" for r in over)
+    return f"{text}; over it: {names}."
+
+
 def _check_sections(out: Path) -> list[str]:
     """The sections measured by their own scripts, from the JSON files they write next to benchmarks.json:
     the cost of a verified fold (bench/cost.py), the float64 check (bench/float64_factor.py) and the
@@ -356,7 +366,7 @@ def _check_sections(out: Path) -> list[str]:
             "1.25. "
             + ("Single-threaded CPU time (the machine was busy with other work). " if cost.get("cpu_time") else "")
             + "The float64 run of the check happens only when the float32 comparison fails, so it is not in these "
-            "figures.",
+            f"figures. {_within_bound(cost['rows'])}",
             "",
             _table(["model", "forward (ms)", "fold (forwards)", "traced forward", "copy", "fold / budget"], rows),
             "",

@@ -49,8 +49,9 @@ def _check_model(model: Any, caller: str) -> nn.Module:
             f"bnfold.{caller}() got a TorchScript module ({type(model).__name__}); fold the Python model "
             "before torch.jit.script / torch.jit.trace"
         )
+    compiled = compat.compiled_module_types()
     for name, module in model.named_modules():
-        if isinstance(module, compat.compiled_module_types()):
+        if isinstance(module, compiled):
             what = "a torch.compile'd module" if not name else f"'{name}', a torch.compile'd module,"
             raise TypeError(
                 f"bnfold.{caller}() got {what} (OptimizedModule); fold the module before compiling it: "

@@ -141,8 +141,8 @@ def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: st
     for i in range(0, w.shape[0], step):
         n = min(step, w.shape[0] - i)
         part = buffer[:n]
-        part.copy_(w[i : i + n])
-        part.mul_(factor if factor.shape[0] == 1 else factor[i : i + n])
+        # the product of the weight's values (widened exactly) and the factor, in float64, in one pass
+        torch.mul(w[i : i + n], factor if factor.shape[0] == 1 else factor[i : i + n], out=part)
         result[i : i + n].copy_(part)
     if out is not None and target is None:
         out.detach().copy_(result)

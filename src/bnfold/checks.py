@@ -4,6 +4,7 @@ a layer that apply whatever the kind of fold."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from torch import nn
 
@@ -35,6 +36,7 @@ class PlanContext:
     model: nn.Module
     graph: DataFlowGraph
     rules: RuleTable
+    modules: list[tuple[str, nn.Module]] = field(default_factory=list)  # named_modules(), walked once
     names: dict[int, str] = field(default_factory=dict)
     owners: dict[int, list[str]] = field(default_factory=dict)  # tensor id -> modules that hold it
     # norms folded backward that leave nothing behind: a later fold may read through them into the same layer
@@ -47,14 +49,43 @@ class PlanContext:
     refused: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.modules = list(self.model.named_modules())
         for name, module in self.model.named_modules(remove_duplicate=False):
             self.names.setdefault(id(module), name)
-        for name, module in self.model.named_modules():
-            for t in module.parameters(recurse=False):
+        for name, module in self.modules:
+            for t in dict.fromkeys(p for p in module._parameters.values() if p is not None):
                 self.owners.setdefault(id(t), []).append(name)
 
     def name(self, module: nn.Module) -> str:
         return self.names.get(id(module), "?")
+
+    @cached_property
+    def readers_inside(self) -> dict[str, str]:
+        """Parameter or buffer name -> the outermost module that holds it and runs as one unit in the trace
+        (its own forward may read the tensor where bnfold cannot see). Computed once per plan: the constants
+        and the branches passes both read it."""
+        found: dict[str, str] = {}
+        by_id: dict[int, str] = {}  # the names named_parameters() and named_buffers() give
+        for table in ("_parameters", "_buffers"):
+            seen: set[int] = set()
+            for prefix, module in self.modules:
+                for key, t in getattr(module, table).items():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        by_id[id(t)] = f"{prefix}.{key}" if prefix else key
+        covered: str | None = None  # the last module taken: its descendants hold nothing it did not
+        for module_name, module in self.modules:
+            if covered is not None and (covered == "" or module_name.startswith(covered + ".")):
+                continue
+            if not self.graph.calls_of(module):
+                continue
+            covered = module_name
+            label = module_name or type(module).__name__
+            for sub in module.modules() if module._modules else (module,):
+                for t in (*sub._parameters.values(), *sub._buffers.values()):
+                    if t is not None and id(t) in by_id:
+                        found.setdefault(by_id[id(t)], label)
+        return found
 
 
 def layer_reason(layer: nn.Module, ctx: PlanContext) -> str | None:
@@ -67,7 +98,8 @@ def layer_reason(layer: nn.Module, ctx: PlanContext) -> str | None:
         return f"'{name}' is called {calls} times in one forward pass (shared weights)"
     if id(layer) in ctx.graph.foreign_uses:
         return f"the parameters of '{name}' are also used outside it (by {ctx.graph.foreign_uses[id(layer)]})"
-    for t in layer.parameters():
+    # a layer rarely has children: its own dict is many times cheaper to read than parameters()
+    for t in layer.parameters() if layer._modules else (p for p in layer._parameters.values() if p is not None):
         others = [o for o in ctx.owners.get(id(t), []) if o != name and not o.startswith(name + ".")]
         if others:
             return f"'{name}': its parameters are shared with '{others[0]}'"

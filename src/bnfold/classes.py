@@ -22,7 +22,8 @@ def layer_type(module: nn.Module) -> type[nn.Module]:
     """The module's class as its author declared it: for a module behind ``torch.nn.utils.parametrize``
     (whose class becomes a generated ``Parametrized<Name>`` subclass), the class it had before."""
     kind = type(module)
-    if parametrize.is_parametrized(module) and kind.__name__ == "Parametrized" + kind.__bases__[0].__name__:
+    # the name first: is_parametrized looks the attribute up through nn.Module.__getattr__, slowly
+    if kind.__name__ == "Parametrized" + kind.__bases__[0].__name__ and parametrize.is_parametrized(module):
         return kind.__bases__[0]
     return kind
 
@@ -88,5 +89,5 @@ def type_chain(module: nn.Module) -> tuple[type[nn.Module], ...]:
 
 def has_type(module: nn.Module, types: Iterable[type[nn.Module]]) -> bool:
     """Whether an entry for one of ``types`` applies to ``module`` (see :func:`type_chain`)."""
-    wanted = set(types)
+    wanted = types if isinstance(types, (set, frozenset)) else set(types)
     return any(kind in wanted for kind in type_chain(module))

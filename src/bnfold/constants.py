@@ -192,16 +192,8 @@ class _Source:
 
 def readers_inside(ctx: PlanContext) -> dict[str, str]:
     """Constant name -> a module that holds it and runs as one unit in the trace (its own forward may read
-    the constant where bnfold cannot see)."""
-    found: dict[str, str] = {}
-    by_id = {id(t): name for name, t in [*ctx.model.named_parameters(), *ctx.model.named_buffers()]}
-    for module_name, module in ctx.model.named_modules():
-        if not ctx.graph.calls_of(module):
-            continue
-        for t in [*module.parameters(), *module.buffers()]:
-            if id(t) in by_id:
-                found.setdefault(by_id[id(t)], module_name or type(module).__name__)
-    return found
+    the constant where bnfold cannot see); see :attr:`PlanContext.readers_inside`."""
+    return ctx.readers_inside
 
 
 def constant_rows(ctx: PlanContext) -> list[PlanRow]:

@@ -25,7 +25,15 @@ def norm_rows(ctx: PlanContext) -> list[PlanRow]:
     graph, rules, model = ctx.graph, ctx.rules, ctx.model
     rows: dict[str, PlanRow] = {}
     claimed: dict[tuple[str, str], str] = {}  # (layer, direction) -> last norm folding into it
-    norms = [(name, norm) for name, norm in model.named_modules() if rules.is_norm_layer(norm)]
+    listed: dict[type[nn.Module], bool] = {}  # whether a norm layer is a question about its class alone
+
+    def is_norm(module: nn.Module) -> bool:
+        kind = type(module)
+        if kind not in listed:
+            listed[kind] = rules.is_norm_layer(module)
+        return listed[kind]
+
+    norms = [(name, norm) for name, norm in ctx.modules if is_norm(norm)]
 
     def first_call(item: tuple[str, nn.Module]) -> int:
         calls = [i for i in graph.calls_of(item[1]) if i >= 0]

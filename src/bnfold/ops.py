@@ -343,7 +343,19 @@ _MAX_POOLS = {
 }
 
 
+_TABLES: dict[tuple[type[nn.Module], ...], dict[type[nn.Module], OpEntry]] = {}
+
+
 def _modules() -> dict[type[nn.Module], OpEntry]:
+    """The entries for module types, built once per set of third-party types loaded (each lookup asks)."""
+    permutes = compat.permute_module_types()
+    table = _TABLES.get(permutes)
+    if table is None:
+        table = _TABLES[permutes] = _build_modules(permutes)
+    return table
+
+
+def _build_modules(permutes: tuple[type[nn.Module], ...]) -> dict[type[nn.Module], OpEntry]:
     table: dict[type[nn.Module], OpEntry] = {
         nn.Identity: _IDENTITY,
         nn.Dropout: _IDENTITY,
@@ -359,14 +371,14 @@ def _modules() -> dict[type[nn.Module], OpEntry]:
         table[pool] = OpEntry("pooled", _pool(spatial), _average_condition, "pass", "pools over its channels")
     for pool, spatial in _MAX_POOLS.items():
         table[pool] = OpEntry("pooled", _pool(spatial), _max_condition, "pass", "pools over its channels")
-    for permute in compat.permute_module_types():
+    for permute in permutes:
         table[permute] = OpEntry("moved", _permute_module)
     return table
 
 
 def op_table() -> tuple[dict[str, OpEntry], dict[type[nn.Module], OpEntry]]:
     """The table: entries for functions (by recorded name) and for module types."""
-    return _FUNCTIONS, _modules()
+    return _FUNCTIONS, dict(_modules())
 
 
 def entry_for(call: Call, modules: dict[type[nn.Module], OpEntry] | None = None) -> OpEntry | None:

@@ -56,23 +56,29 @@ def make_plan(
     ctx = PlanContext(model, graph, rules, refused=dict(refused or {}))
     if passes is None:
         passes = (*REPARAMETERIZE_PASSES, *PASSES) if reparameterize else PASSES
-    hints = merge_hints(ctx) if not reparameterize and graph.has_shapes else {}
-    sites: list[FoldSite] = []  # in the order surgery applies them: the order each pass gives
-    kept: list[KeptNorm] = []
-    found: list[str] = []
+    rows: dict[str, PlanRow] = {}  # by name, in the order found
     for run in passes:
         for row in run(ctx):
-            if row.norm in found:
-                continue  # a constant used by several ops is reported once (kept: used elsewhere)
-            found.append(row.norm)
-            if isinstance(row, FoldSite):
-                sites.append(row)
-            elif row.norm in hints:
-                reason = f"{row.reason}; reparameterize=True would merge it with its parallel branches into '{hints[row.norm]}'"
-                kept.append(KeptNorm(row.norm, row.norm_type, reason, row.partner))
-            else:
-                kept.append(row)
+            # a constant used by several ops is reported once (kept: used elsewhere)
+            rows.setdefault(row.norm, row)
+    kept_names = {name for name, row in rows.items() if not isinstance(row, FoldSite)}
+    # Only a kept row shows a hint, so the branches (whose analysis costs as much as a merge) are looked at
+    # only when there is one; no pass above claims anything without reparameterize.
+    hints = merge_hints(ctx, kept_names) if kept_names and not reparameterize and graph.has_shapes else {}
+    sites: list[FoldSite] = []  # in the order surgery applies them: the order each pass gives
+    kept: list[KeptNorm] = []
+    for row in rows.values():
+        if isinstance(row, FoldSite):
+            sites.append(row)
+        elif row.norm in hints:
+            reason = (
+                f"{row.reason}; reparameterize=True would merge it with its parallel branches into '{hints[row.norm]}'"
+            )
+            kept.append(KeptNorm(row.norm, row.norm_type, reason, row.partner))
+        else:
+            kept.append(row)
     # rows are listed in the model's module order, then the rest (constants) in the order they were found
-    modules = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    order = sorted(found, key=lambda name: (0, modules[name]) if name in modules else (1, found.index(name)))
+    modules = {name: i for i, (name, _) in enumerate(ctx.modules)}
+    found = {name: i for i, name in enumerate(rows)}
+    order = sorted(found, key=lambda name: (0, modules[name]) if name in modules else (1, found[name]))
     return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))

@@ -10,6 +10,7 @@ Everything else keeps its class and attribute path.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -275,11 +276,12 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
     return rows
 
 
-def merge_hints(ctx: PlanContext) -> dict[str, str]:
-    """Norm name -> the block whose branches ``reparameterize=True`` would merge it with."""
+def merge_hints(ctx: PlanContext, norms: Collection[str] | None = None) -> dict[str, str]:
+    """Norm name -> the block whose branches ``reparameterize=True`` would merge it with (only branches
+    holding one of ``norms``, when given, are analysed)."""
     hints: dict[str, str] = {}
     for found in find_branches(ctx):
-        if isinstance(found, Kept):
+        if isinstance(found, Kept) or (norms is not None and not any(m in norms for m in found.modules)):
             continue
         try:
             block, _ = _analyse(found, ctx)

@@ -20,8 +20,10 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     seen: set[int] = set()
     params = 0
     size = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
+    modules = list(model.modules())  # the module dicts directly: parameters() and buffers() walk it twice
+    tensors = [t for m in modules for t in m._parameters.values()] + [t for m in modules for t in m._buffers.values()]
+    for t in tensors:
+        if t is None or id(t) in seen:
             continue
         seen.add(id(t))
         size += t.numel() * t.element_size()

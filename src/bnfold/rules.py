@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TypeVar
 
 from torch import Tensor, nn
@@ -200,21 +201,30 @@ class RuleTable:
 
     # -- what the tracer and the plan list -----------------------------------------------------------------
     def layer_types(self) -> set[type[nn.Module]]:
-        return set(self.layers) | {layer for layer, _, _ in self.pairs}
+        return set(self._layer_types)
 
     def norm_types(self) -> set[type[nn.Module]]:
-        return set(self.norms) | {norm for _, norm, _ in self.pairs}
+        return set(self._norm_types)
+
+    # Built once per table (every lookup of the plan asks); the methods above hand out copies.
+    @cached_property
+    def _layer_types(self) -> frozenset[type[nn.Module]]:
+        return frozenset(self.layers) | {layer for layer, _, _ in self.pairs}
+
+    @cached_property
+    def _norm_types(self) -> frozenset[type[nn.Module]]:
+        return frozenset(self.norms) | {norm for _, norm, _ in self.pairs}
 
     def is_norm_layer(self, module: nn.Module) -> bool:
         """Whether ``module`` is a normalization layer that the plan should list."""
-        return has_type(module, self.norm_types()) or looks_like_norm(module)
+        return has_type(module, self._norm_types) or looks_like_norm(module)
 
     def unfoldable_reason(self, module: nn.Module) -> str | None:
         """Why a norm layer can never fold whatever it is next to, or ``None`` if some rule may apply."""
         kind = layer_type(module)
         if is_statistics_norm(module):
             return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
-        if has_type(module, self.norm_types()):
+        if has_type(module, self._norm_types):
             return None
         return (
             f"no fold rule for {kind.__name__} (a subclass that overrides how a norm computes is never matched "

@@ -10,7 +10,7 @@ so that a failed check can put the model back exactly as it was.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -168,10 +168,11 @@ def _write_bias(layer: nn.Module, scale: Tensor, shift: Tensor, undo: Undo) -> N
         _copy_into(bias, fold_bias(bias, scale, shift, bias), undo)
 
 
-def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """Every (parent, attribute) under which each module is registered (a module may have aliases)."""
+def _parents(modules: Iterable[nn.Module]) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute) under which each of ``modules`` (a model's ``modules()``) registers a child
+    (a module may have aliases)."""
     found: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
+    for parent in modules:
         for attr, child in parent._modules.items():
             if child is not None:
                 found.setdefault(id(child), []).append((parent, attr))
@@ -205,7 +206,7 @@ class Surgery:
 
     def __post_init__(self) -> None:
         self.modules = dict(self.model.named_modules())
-        self.parents = _parents(self.model)
+        self.parents = _parents(self.modules.values())
 
     def rule(self, site: FoldSite, partner: str) -> FoldRule:
         rule = self.rules.rule_for(self.modules[partner], self.modules[site.norm], site.direction)
