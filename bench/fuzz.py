@@ -1025,50 +1025,88 @@ class LookThrough(ModuleStep):
 
 
 class Parallel(nn.Module):
-    """Branches of one input, summed (and maybe a ReLU): a block whose whole computation merges."""
+    """Branches of one input, summed (and maybe a ReLU): a block whose computation merges, whole or in part.
+    The last branch may be scaled (by a learned per-channel ``alpha`` or a number) and subtracted."""
 
-    def __init__(self, branches: list[nn.Module], relu: bool) -> None:
+    def __init__(self, branches: list[nn.Module], relu: bool, coefficient: str = "", subtract: bool = False) -> None:
         super().__init__()
         self.branches = nn.ModuleList(branches)
         self.relu = relu
+        self.coefficient = coefficient  # "" | "param" | "number"
+        self.subtract = subtract
+        if coefficient == "param":
+            channels = next(m for m in self.modules() if isinstance(m, nn.Conv2d)).in_channels
+            self.alpha = nn.Parameter(torch.rand(1, channels, 1, 1) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         total = self.branches[0](x)
-        for branch in self.branches[1:]:
-            total = total + branch(x)
+        last = len(self.branches) - 1
+        for i, branch in enumerate(self.branches[1:], 1):
+            y = branch(x)
+            if i == last and self.coefficient:
+                y = self.alpha * y if self.coefficient == "param" else 0.5 * y
+            total = total - y if i == last and self.subtract else total + y
         return torch.relu(total) if self.relu else total
 
 
 @step("branches", 3)
 class Branches(ModuleStep):
-    """Parallel branches of one value, summed (RepVGG, ACNet, DBB): what ``reparameterize=True`` merges."""
+    """Parallel branches of one value, summed (RepVGG, ACNet, DBB): what ``reparameterize=True`` merges; some
+    kinds cannot merge with the others (an activation, reflect padding, another dilation, a pool that does not
+    count its padding), so that only part of the branches merges."""
 
-    KINDS: ClassVar[list[str]] = ["conv3_bn", "conv1_bn", "bn", "identity", "conv3", "conv1x3_bn", "avgpool_bn"]
+    KINDS: ClassVar[list[str]] = [
+        "conv3_bn",
+        "conv1_bn",
+        "bn",
+        "identity",
+        "conv3",
+        "conv1x3_bn",
+        "avgpool_bn",
+        "conv1_bn_relu",
+        "conv3_reflect_bn",
+        "conv3_dil2_bn",
+        "avgpool_nopad",
+    ]
 
     def build(self, b: Builder, g: Gene) -> dict[str, Any] | None:
         src = b.pick(g.src, floating(4, min_size=3))
         if src is None:
             return None
         c = b.values[src].shape[1]
+        rng = random.Random(g.bits * 7919 + g.seed)
         branches: list[nn.Module] = []
         kinds = []
-        for i in range(2 + (g.bits >> 18) % 2):
-            kind = self.KINDS[(g.bits >> (3 * i)) % len(self.KINDS)]
+        for i in range(rng.choice([2, 3, 3, 4])):
+            kind = rng.choice(self.KINDS)
             parts: list[nn.Module] = []
-            if kind.startswith("conv3"):
-                parts.append(nn.Conv2d(c, c, 3, padding=1, bias=_bit(g, 12 + i)))
+            if kind == "conv3_reflect_bn":
+                parts.append(nn.Conv2d(c, c, 3, padding=1, bias=False, padding_mode="reflect"))
+            elif kind == "conv3_dil2_bn":
+                parts.append(nn.Conv2d(c, c, 3, padding=2, dilation=2, bias=False))
+            elif kind.startswith("conv3"):
+                parts.append(nn.Conv2d(c, c, 3, padding=1, bias=_bit(g, 12 + i % 3)))
             elif kind.startswith("conv1x3"):
                 parts.append(nn.Conv2d(c, c, (1, 3), padding=(0, 1), bias=False))
             elif kind.startswith("conv1"):
-                parts.append(nn.Conv2d(c, c, 1, bias=_bit(g, 12 + i)))
+                parts.append(nn.Conv2d(c, c, 1, bias=_bit(g, 12 + i % 3)))
+            elif kind == "avgpool_nopad":
+                parts.append(nn.AvgPool2d(3, 1, 1, count_include_pad=False))
             elif kind.startswith("avgpool"):
                 parts.append(nn.AvgPool2d(3, 1, 1))
-            if kind.endswith("bn"):
+            if kind == "bn" or "_bn" in kind:
                 parts.append(nn.BatchNorm2d(c))
+            if kind.endswith("relu"):
+                parts.append(nn.ReLU())
             branches.append(nn.Sequential(*parts) if parts else nn.Identity())
             kinds.append(kind)
-        block = Parallel(branches, relu=_bit(g, 16))
-        return {"src": src, "mod": b.module(block), "what": " + ".join(kinds)}
+        coefficient = rng.choice(["", "", "param", "number"]) if any(k.startswith("conv") for k in kinds) else ""
+        subtract = rng.random() < 0.25
+        block = Parallel(branches, relu=_bit(g, 16), coefficient=coefficient, subtract=subtract)
+        what = " + ".join(kinds)
+        if coefficient or subtract:
+            what += f" (last {'-' if subtract else '+'}{' ' + coefficient if coefficient else ''})"
+        return {"src": src, "mod": b.module(block), "what": what}
 
 
 @step("sort", 0.5)
@@ -1155,6 +1193,8 @@ RECIPES: list[tuple[tuple[Any, ...], ...]] = [
     (("linear", 0), ("reshape", 0, {"kind": "transpose"}), ("norm", 0), ("reshape", 0, {"kind": "view_flat"})),
     (("conv", 0), ("reshape", 0), ("norm", 0), ("reshape", 0, {"kind": "view_flat"})),
     (("linear", 0), ("reshape", 0, {"kind": "transpose"}), ("norm", 0), ("activation", 0), ("conv", 0)),
+    (("conv", 0), ("branches", 0), ("conv", 0)),
+    (("branches", 0), ("norm", 0)),
 ]
 
 

@@ -29,7 +29,7 @@ def test_random_programs_fold_equal_or_are_refused(start):
 
 def test_programs_fold_many_kinds_of_sites():
     """The generator reaches what bnfold knows: backward and forward folds, channel-wise constants, folds
-    through a torch.cat, merged branches."""
+    through a torch.cat, merged branches, and merges of only some branches (the others kept running)."""
     import warnings
 
     import torch
@@ -45,7 +45,8 @@ def test_programs_fold_many_kinds_of_sites():
             warnings.simplefilter("ignore")
             plan = bnfold.plan(program, x, reparameterize=case.options.reparameterize)
         kinds |= {s.kind for s in plan.sites}
-    assert {"backward", "forward", "constant", "merge"} <= kinds, kinds
+        kinds |= {"partial merge" for s in plan.sites if s.merge is not None and s.merge.kept}
+    assert {"backward", "forward", "constant", "merge", "partial merge"} <= kinds, kinds
 
 
 def test_a_seed_replays_the_same_program():

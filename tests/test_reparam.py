@@ -362,28 +362,6 @@ def test_biased_1x1_before_zero_padded_kxk_is_not_merged():
     kept(Biased(), reason="padded zeros would not carry the bias")
 
 
-def test_norm_in_training_mode_is_not_merged():
-    block = RepVGGBlock(8, 8)
-    model = randomize_norms(nn.Sequential(block)).eval()
-    block.rbr_identity.train()
-    result = bnfold.fold_with_report(model, X, reparameterize=True)
-    assert result.report.merged == 0
-
-
-def test_conv_shared_with_code_outside_the_block_is_not_merged():
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = RepVGGBlock(8, 8)
-
-        def forward(self, x):
-            return self.block(x) + self.block.rbr_dense[0](x)
-
-    result = bnfold.fold_with_report(randomize_norms(Outer()).eval(), X, reparameterize=True)
-    assert result.report.merged == 0
-    assert any("called 2 times" in k.reason for k in result.report.plan.kept), str(result.report.plan)
-
-
 def test_block_that_does_more_than_the_branches_is_kept_with_the_reason():
     class More(nn.Module):
         def __init__(self):
@@ -395,6 +373,248 @@ def test_block_that_does_more_than_the_branches_is_kept_with_the_reason():
             return y * torch.sigmoid(y.mean((2, 3), keepdim=True))
 
     kept(More(), reason="also computes")
+
+
+# -- partial merges: the branches that merge do, the others keep running -------------------------------
+def partial(block: nn.Module, x: torch.Tensor = X, *, runs: tuple[int, int], kept: list[str]):
+    """Merge ``block`` in float64 where only some branches merge: one merge, ``runs`` convolutions and norms
+    running, one kept-branch row per reason in ``kept`` (in order), 1e-12 agreement, and the kept modules'
+    state_dict keys where they were."""
+    result = merge(block, x, merged=1, runs=runs)
+    rows = [k for k in result.report.plan.kept if k.norm_type == "branch"]
+    assert len(rows) == len(kept), str(result.report.plan)
+    for row, reason in zip(rows, kept, strict=True):
+        assert reason in row.reason and row.reason.startswith("runs beside the merged convolution of '0'"), row.reason
+    (site,) = [s for s in result.report.plan.sites if s.kind == "merge"]
+    count = len(kept)
+    assert site.merge.result.endswith(f" + {count} kept branch{'es' if count > 1 else ''}"), site.merge.result
+    merged = result.model[0]
+    assert isinstance(merged, bnfold.MergedConv) and len(merged.kept_branches) == count
+    plain = bnfold.fold(nn.Sequential(block).double().eval(), x.double()).state_dict()  # no merge: folds only
+    for path, _ in merged.held:  # what a kept branch reads keeps its keys
+        prefix = f"0.{path}"
+        keys = {k for k in result.model.state_dict() if k == prefix or k.startswith(prefix + ".")}
+        assert keys == {k for k in plain if k == prefix or k.startswith(prefix + ".")}, path
+    return result
+
+
+class RepVGGWithActivatedBranch(nn.Module):
+    """RepVGG's three branches and a fourth with an activation on it: relu(bn(conv1x1(x)))."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.rbr_identity = nn.BatchNorm2d(c)
+        self.rbr_dense = conv_bn(c, c, 3, 1, 1)
+        self.rbr_1x1 = conv_bn(c, c, 1)
+        self.rbr_act = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, x):
+        return self.nonlinearity(self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x) + self.rbr_act(x))
+
+
+def test_partial_merge_keeps_a_branch_with_an_activation():
+    # the 3x3, 1x1 and identity branches become one conv; the activated branch runs beside it (its norm folds)
+    result = partial(RepVGGWithActivatedBranch(), runs=(2, 0), kept=["'0.rbr_act' (Sequential) is not linear"])
+    (site,) = [s for s in result.report.plan.sites if s.kind == "merge"]
+    assert "0.rbr_identity" in site.partners and not any(p.startswith("0.rbr_act") for p in site.partners)
+    assert site.merge.result == "Conv2d(8 -> 8, 3x3) + 1 kept branch"
+    text = str(result.report.plan)
+    assert "=> Conv2d(8 -> 8, 3x3) + 1 kept branch" in text and "0.rbr_act (branch)" in text
+    merged = result.model[0]
+    assert isinstance(merged.rbr_act, nn.Sequential) and merged.post_names == ("nonlinearity",)
+    assert "kept branches: 1" in repr(merged)
+    (entry,) = result.report.to_dict()["merges"]
+    assert entry["kept_branches"] == [{"modules": ["0.rbr_act"], "reason": "'0.rbr_act' (Sequential) is not linear"}]
+
+
+def test_partial_merge_keeps_a_branch_with_another_stride():
+    class Strided(nn.Module):  # 9x9 -> 5x5: RepVGG's stride-2 3x3 and 1x1, and a stride-1 5x5 without padding
+        def __init__(self):
+            super().__init__()
+            self.dense, self.point, self.wide = conv_bn(8, 8, 3, 2, 1), conv_bn(8, 8, 1, 2), conv_bn(8, 8, 5)
+
+        def forward(self, x):
+            return self.wide(x) + self.dense(x) + self.point(x)
+
+    result = partial(Strided(), runs=(2, 0), kept=["different strides"])
+    assert result.model[0].merged_conv.stride == (2, 2) and result.model[0].wide[0].stride == (1, 1)
+
+
+def test_partial_merge_keeps_an_average_pool_that_does_not_count_padding():
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+            self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+        def forward(self, x):
+            return self.a(x) + self.pool(x) + self.b(x)
+
+    partial(Pool(), runs=(1, 0), kept=["count_include_pad=False"])
+
+
+def test_partial_merge_keeps_a_norm_in_training_mode():
+    block = RepVGGBlock(8, 8)
+    model = randomize_norms(nn.Sequential(block)).double().eval()
+    block.rbr_identity.train()  # it normalizes with the statistics of each batch: no affine map to merge
+    x = X.double()
+    with torch.no_grad():
+        expected = model(x)
+    result = bnfold.fold_with_report(model, x, reparameterize=True)
+    assert result.report.merged == 1 and result.model[0].rbr_identity.training
+    assert running(result.model, x) == (1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_partial_merge_keeps_a_conv_shared_with_code_outside_the_block():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = RepVGGBlock(8, 8)
+
+        def forward(self, x):
+            return self.block(x) + self.block.rbr_dense[0](x)
+
+    model = randomize_norms(Outer()).double().eval()
+    x = X.double()
+    with torch.no_grad():
+        expected = model(x)
+    result = bnfold.fold_with_report(model, x, reparameterize=True)
+    assert result.report.merged == 1  # the 1x1 and identity branches; the 3x3 one is kept
+    assert any("called 2 times" in k.reason for k in result.report.plan.kept), str(result.report.plan)
+    assert isinstance(result.model.block.rbr_dense, nn.Sequential)  # still what the outer code indexes
+    assert running(result.model, x) == (3, 1)  # merged 1x1, the kept 3x3 twice; its norm cannot fold
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class Coefficients(nn.Module):
+    """A learned coefficient on a kept branch, a number on another, a subtraction."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+        self.gated = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Sigmoid())
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.alpha = nn.Parameter(torch.rand(1, 8, 1, 1))
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.a(x) + self.alpha * self.gated(x) + self.b(x) - 0.5 * self.pool(x))
+
+
+def test_partial_merge_keeps_the_coefficients_of_kept_branches():
+    result = partial(Coefficients(), runs=(2, 0), kept=["(Sequential) is not linear", "count_include_pad=False"])
+    merged = result.model[0]
+    assert [sign for sign, _ in merged.kept_branches] == [1.0, -1.0]
+    assert merged.alpha is not None and dict(merged.held)["alpha"] == "parameter"
+
+
+def test_partial_merge_under_a_norm_after_the_sum_keeps_the_norm():
+    class PostNorm(nn.Module):  # the norm after the sum cannot merge when a branch stays: it applies to both
+        def __init__(self):
+            super().__init__()
+            self.dense, self.point, self.wide = conv_bn(8, 8, 3, 2, 1), conv_bn(8, 8, 1, 2), conv_bn(8, 8, 5)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.dense(x) + self.point(x) + self.wide(x))
+
+    result = partial(PostNorm(), runs=(2, 1), kept=["different strides"])
+    assert result.model[0].post_names == ("bn",)
+
+
+def test_a_branch_computed_by_code_in_forward_keeps_the_whole_sum_with_the_reason():
+    class Code(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + torch.relu(self.c(x))
+
+    result = kept(Code(), reason="in code, not in a module that can run on its own")
+    assert result.report.folded == 3  # each norm still folds into its own conv
+
+
+def test_a_branch_read_elsewhere_keeps_the_whole_sum_with_the_reason():
+    class Leak(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            c = self.c(x)
+            return self.a(x) + self.b(x) + c, c.mean()
+
+    kept(Leak(), reason="a branch's value is also read elsewhere")
+
+
+def test_no_partial_merge_when_nothing_is_saved():
+    class Residual(nn.Module):  # x + conv(x) + relu(...): merging x into the conv runs no fewer modules
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU())
+
+        def forward(self, x):
+            return x + self.a(x) + self.b(x)
+
+    result = bnfold.fold_with_report(randomize_norms(nn.Sequential(Residual())).eval(), X, reparameterize=True)
+    assert result.report.merged == 0 and result.report.folded == 1
+
+
+class OwnChildren(nn.Module):
+    """A kept branch whose modules are the block's own children (its norm folds into its conv there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense, self.point = conv_bn(8, 8, 3, 2, 1), conv_bn(8, 8, 1, 2)
+        self.wide, self.wide_bn = nn.Conv2d(8, 8, 5, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.dense(x) + self.point(x) + self.wide_bn(self.wide(x))
+
+
+def test_partial_merge_keeps_the_blocks_own_children_and_folds_their_norms():
+    result = partial(OwnChildren(), runs=(2, 0), kept=["different strides"])
+    assert isinstance(result.model[0].wide_bn, nn.Identity)  # folded into 'wide', where the block runs it
+
+
+class Nested(nn.Module):
+    """A kept branch that holds a block of its own: act(RepVGG(x)); that block merges by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.inner, self.act = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1), RepVGGBlock(8, 8), nn.SiLU()
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.act(self.inner(x))
+
+
+def test_a_kept_branch_may_hold_a_merge_of_its_own():
+    result = merge(Nested(), X, merged=2, runs=(2, 0))
+    assert isinstance(result.model[0].inner, bnfold.MergedConv) and len(result.model[0].kept_branches) == 1
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_partial_merge_checkpoint_loads_in_one_call(tmp_path, suffix):
+    def build():
+        return nn.Sequential(RepVGGWithActivatedBranch(), Coefficients(), Nested(), OwnChildren()).eval()
+
+    torch.manual_seed(0)
+    model = randomize_norms(build())
+    folded = bnfold.fold(model, X, reparameterize=True)
+    path = tmp_path / f"deploy{suffix}"
+    bnfold.save_folded(folded, path, original=model)
+    fresh = bnfold.load_folded(build(), path)  # no example inputs, no tracing
+    assert [type(m).__name__ for m in fresh] == ["MergedConv"] * 4
+    assert isinstance(fresh[2].inner, bnfold.MergedConv) and isinstance(fresh[3].wide_bn, nn.Identity)
+    assert fresh[1].kept_branches == folded[1].kept_branches and fresh[1].held == folded[1].held
+    assert set(fresh.state_dict()) == set(folded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), model(X), rtol=1e-4, atol=1e-5)
 
 
 # -- the API --------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 A sum of branches that all read the same tensor ``x`` (``a + b``, ``a + b + c``, ``+=``, ``a - b``, with
 scalar or per-channel coefficients), each a linear chain from ``x`` (a convolution and the norms and affine
 maps after it, a norm alone, nothing at all, an average pool, a 1x1 convolution before or after a kxk one),
-and optionally a norm or affine map after the sum, is one convolution at inference.
+and optionally a norm or affine map after the sum, is one convolution at inference. A sum that also adds
+branches that are not linear (an activation on a branch) is found too, each such branch as the chain of
+modules that computes it from ``x``: the linear branches may merge while those keep running
+(:mod:`bnfold.reparam` decides).
 
 The result of the analysis is a :data:`Recipe`: a small tree that names the modules and constants of the
 branches. It is data (the plan carries it); :func:`evaluate` turns it into a :class:`~bnfold.kernels.ConvForm`
@@ -13,7 +16,7 @@ on whichever copy of the model surgery works on, reading the weights there.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,7 +24,7 @@ from torch import nn
 from .checks import Kept, PlanContext, layer_reason
 from .classes import layer_type, type_chain
 from .constants import CONSTANT_OPS, constant_named, find_constant, readers_inside
-from .graph import Call, TensorRef, ValueKey
+from .graph import Call, Span, TensorRef, ValueKey
 from .kernels import ConvForm, NotExact, add_forms, affine_after, compose, identity_form, pool_form
 from .norms import identity_replacement, norm_act_replacement, tensor_attr
 from .rules import RuleTable
@@ -32,7 +35,9 @@ __all__ = [
     "Layer",
     "Coefficient",
     "Sum",
+    "Unknown",
     "Recipe",
+    "Term",
     "Branches",
     "find_branches",
     "evaluate",
@@ -41,6 +46,7 @@ __all__ = [
     "layer_names",
     "channels_and_dims",
     "is_sum",
+    "has_conv",
     "sequence_cost",
 ]
 
@@ -64,9 +70,10 @@ class Source:
 
 @dataclass(frozen=True)
 class Layer:
-    """A module applied to what ``inner`` computes: a convolution, a norm or an average pool."""
+    """A module applied to what ``inner`` computes: a convolution, a norm or an average pool, or (kind
+    ``module``) any module, run as it is: a step of a branch that is not linear."""
 
-    kind: str  # "conv" | "norm" | "pool"
+    kind: str  # "conv" | "norm" | "pool" | "module"
     name: str
     inner: Recipe
 
@@ -79,6 +86,7 @@ class Coefficient:
     inner: Recipe
     name: str | None = None
     value: float | None = None
+    shape: tuple[int, ...] | None = None  # of the constant where the op reads it (it may reach it reshaped)
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,32 @@ class Sum:
     terms: tuple[tuple[float, Recipe], ...]
 
 
-Recipe = Source | Layer | Coefficient | Sum
+@dataclass(frozen=True)
+class Unknown:
+    """A branch that no chain of modules computes from ``x`` (code in a ``forward``), and why."""
+
+    reason: str
+
+
+Recipe = Source | Layer | Coefficient | Sum | Unknown
+
+
+@dataclass(frozen=True)
+class Term:
+    """One branch of a sum: ``sign * recipe(x)``, with the calls, modules and constants it spans."""
+
+    sign: float
+    recipe: Recipe
+    calls: frozenset[int]
+    modules: tuple[str, ...]  # in the order they run
+    constants: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Branches:
     """A merge the analysis found: the recipe, the tensor it reads, the calls and modules it spans, and
-    the value it computes."""
+    the value it computes. ``terms``: the branches of a sum one by one (empty when the recipe is not a
+    sum); ``inner``: for a sum followed by a norm or affine map, the sum alone."""
 
     recipe: Recipe
     source: ValueKey
@@ -102,6 +129,8 @@ class Branches:
     modules: tuple[str, ...]  # in the order they run
     constants: tuple[str, ...]
     output: ValueKey
+    terms: tuple[Term, ...] = ()
+    inner: Branches | None = None
 
 
 # -- evaluating a recipe on a model ------------------------------------------------------------------------
@@ -139,6 +168,10 @@ def evaluate(recipe: Recipe, model: nn.Module, rules: RuleTable, channels: int, 
     """The convolution ``recipe`` computes on ``model``'s weights (float64); ``channels``, ``dims``: of ``x``."""
     if isinstance(recipe, Source):
         return identity_form(channels, dims)
+    if isinstance(recipe, Unknown):
+        raise NotExact(recipe.reason)
+    if isinstance(recipe, Layer) and recipe.kind == "module":
+        raise NotExact(_not_linear(recipe.name, model.get_submodule(recipe.name)))
     if isinstance(recipe, Sum):
         (sign, first), *rest = recipe.terms
         form = evaluate(first, model, rules, channels, dims)
@@ -213,6 +246,19 @@ class _Found:
     calls: set[int]
     modules: list[str]
     constants: list[str]
+    terms: tuple[tuple[float, _Found], ...] = ()  # a sum: its branches, flattened, with their signs
+    under: _Found | None = None  # a layer or coefficient: what it applies to
+    made_by: int | None = None  # the call that computes it
+    opaque: frozenset[int] = frozenset()  # calls inside modules a kept branch runs as they are
+
+
+def _not_linear(name: str, module: nn.Module) -> str:
+    """Why a module on a branch is not a step of one convolution, in words."""
+    if isinstance(module, _AVG_POOLS):
+        return (
+            f"'{name}' ({type(module).__name__}) is an average pool that is not a convolution (it {_pool_flaw(module)})"
+        )
+    return f"'{name}' ({layer_type(module).__name__}) is not linear"
 
 
 def _number(value: object) -> float | None:
@@ -245,15 +291,22 @@ def _on_channels(norm: nn.Module, call: Call, rules: RuleTable) -> bool:
     return int(norm_rule.affine(norm)[0].numel()) == int(shape[1])
 
 
+def _pool_flaw(module: nn.Module) -> str | None:
+    """Why an average pool is not a convolution with weights ``1 / k^d``, or ``None`` when it is one."""
+    if getattr(module, "ceil_mode", False):
+        return "rounds its output size up (ceil_mode=True)"
+    if getattr(module, "divisor_override", None) is not None:
+        return "divides by divisor_override"
+    padding = getattr(module, "padding", 0)
+    padded = any(int(p) != 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
+    if padded and not bool(getattr(module, "count_include_pad", True)):
+        return "does not count its padding (count_include_pad=False)"
+    return None
+
+
 def _exact_pool(module: nn.Module) -> bool:
     """An average pool that is a convolution with weights ``1 / k^d``."""
-    if not isinstance(module, _AVG_POOLS) or getattr(module, "ceil_mode", False):
-        return False
-    if getattr(module, "divisor_override", None) is not None:
-        return False
-    padding = module.padding
-    padded = any(int(p) != 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
-    return not padded or bool(getattr(module, "count_include_pad", True))
+    return isinstance(module, _AVG_POOLS) and _pool_flaw(module) is None
 
 
 # How many linear steps one branch may chain before the analysis stops looking (a deep purely linear stack
@@ -268,6 +321,7 @@ class _Analysis:
         self.inside = readers_inside(ctx)
         self.steps: dict[int, _Found | None] = {}  # call index -> its recipe (None: not a linear step)
         self.depth = 0
+        self.spans: dict[ValueKey, list[Span]] | None = None  # one-input, one-output module calls by output
 
     def value(self, key: ValueKey, reader: int | None) -> _Found:
         """The recipe of ``key`` as read by call ``reader``: through linear steps back to where branches
@@ -318,6 +372,8 @@ class _Analysis:
                 inner.calls | {call.index},
                 [*inner.modules, name],
                 inner.constants,
+                under=inner,
+                made_by=call.index,
             )
         if call.kind != "function":
             raise _Stop
@@ -326,13 +382,15 @@ class _Analysis:
             a, b = call.args
             if isinstance(a, TensorRef) and isinstance(b, TensorRef):
                 left, right = self.value(a.key, call.index), self.value(b.key, call.index)
-                terms = (*_terms(left.recipe, 1.0), *_terms(right.recipe, sign))
+                parts = (*_parts(left, 1.0), *_parts(right, sign))
                 return _Found(
-                    Sum(terms),
+                    Sum(tuple((s, part.recipe) for s, part in parts)),
                     left.sources | right.sources,
                     left.calls | right.calls | {call.index},
                     [*left.modules, *right.modules],
                     [*left.constants, *right.constants],
+                    terms=parts,
+                    made_by=call.index,
                 )
         op = CONSTANT_OPS.get(call.target)
         if op is not None and len(call.args) == 2 and not call.kwargs:
@@ -362,9 +420,122 @@ class _Analysis:
                 raise _Stop  # c - x, c / x: not affine in x's channels the same way
             inner = self.value(this.key, call.index)
             constants = [*inner.constants, name] if name else inner.constants
-            recipe = Coefficient(op, inner.recipe, name=name, value=number)
-            return _Found(recipe, inner.sources, inner.calls | {call.index}, inner.modules, constants)
+            shape = tuple(int(n) for n in constant.shape) if name and constant is not None else None
+            recipe = Coefficient(op, inner.recipe, name=name, value=number, shape=shape)
+            return _Found(
+                recipe,
+                inner.sources,
+                inner.calls | {call.index},
+                inner.modules,
+                constants,
+                under=inner,
+                made_by=call.index,
+            )
         raise _Stop
+
+    # -- a sum whose branches read different values: the linear ones from x, the others from x through modules
+
+    def split(self, found: _Found) -> _Found | None:
+        """``found`` (a sum of branches that read different values) as branches of one tensor ``x``: those
+        that read ``x`` as they are, each other one through the chain of modules that computes what it reads
+        from ``x`` (or :class:`Unknown`); ``None`` when no value is read by two branches, one a convolution."""
+        sources: dict[ValueKey, list[_Found]] = {}
+        for _, part in found.terms:
+            if len(part.sources) == 1:
+                sources.setdefault(next(iter(part.sources)), []).append(part)
+        fallback = None
+        for x, parts in sorted(sources.items(), key=lambda item: -len(item[1])):
+            if len(parts) < 2 or not any(has_conv(p.recipe) for p in parts):
+                continue
+            terms = tuple(
+                (sign, part if part.sources == {x} else self._through_modules(part, x)) for sign, part in found.terms
+            )
+            split = _Found(
+                Sum(tuple((sign, part.recipe) for sign, part in terms)),
+                {x},
+                found.calls.union(*(part.calls for _, part in terms)),
+                [m for _, part in terms for m in part.modules],
+                [c for _, part in terms for c in part.constants],
+                terms=terms,
+                made_by=found.made_by,
+                opaque=frozenset().union(*(part.opaque for _, part in terms)),
+            )
+            if _reads(split.recipe):
+                return split
+            fallback = fallback or split  # reported with the reason, unless another tensor reads them all
+        return fallback
+
+    def _through_modules(self, part: _Found, x: ValueKey) -> _Found:
+        """``part``, which reads one value ``v``, with ``v`` computed from ``x`` by the chain of modules
+        (each run as it is) that makes it; :class:`Unknown` with the reason when no such chain does."""
+        if len(part.sources) != 1:
+            return _Found(
+                Unknown("a branch reads values that are not one chain from the branches' input"),
+                set(),
+                part.calls,
+                [],
+                [],
+            )
+        value = next(iter(part.sources))
+        if len(self.graph.consumers.get(value, [])) != 1:
+            return _Found(Unknown("a branch's value is also read elsewhere"), set(), part.calls, [], [])
+        chain: list[Span] = []
+        while value != x:
+            span = self._module_making(value)
+            if span is None or len(chain) >= _MAX_DEPTH:
+                index = self.graph.producer.get(value)
+                what = f"'{self.graph.calls[index].target}'" if index is not None else "a value it does not compute"
+                return _Found(
+                    Unknown(f"a branch computes {what} in code, not in a module that can run on its own"),
+                    set(),
+                    part.calls,
+                    [],
+                    [],
+                )
+            chain.append(span)
+            value = span.inputs[0]
+            if value != x and any(not span.start <= i < span.end for i in self.graph.consumers.get(value, [])):
+                return _Found(Unknown("a value inside a branch is also read elsewhere"), set(), part.calls, [], [])
+        base: Recipe = Source()
+        names = [self.ctx.name(span.module) for span in reversed(chain)]
+        for name in names:
+            base = Layer("module", name, base)
+        calls = {i for span in chain for i in range(span.start, span.end)}
+        return _Found(
+            _rebase(part.recipe, base),
+            {x},
+            part.calls | calls,
+            [*names, *part.modules],
+            part.constants,
+            opaque=frozenset(calls),
+        )
+
+    def _module_making(self, value: ValueKey) -> Span | None:
+        """The largest module call (not the model's) that computes ``value`` from one tensor and reads
+        nothing else made outside it."""
+        if self.spans is None:
+            self.spans = {}
+            for span in self.graph.spans:
+                if len(span.outputs) == 1 and len(span.inputs) == 1 and span.inputs != span.outputs:
+                    self.spans.setdefault(span.outputs[0], []).append(span)
+        best = None
+        for span in self.spans.get(value, []):
+            if span.module is self.ctx.model or not self._self_contained(span):
+                continue
+            if best is None or span.end - span.start > best.end - best.start:
+                best = span
+        return best
+
+    def _self_contained(self, span: Span) -> bool:
+        """Whether every call of ``span`` reads only its input, constants, and values made inside it."""
+        graph = self.graph
+        for call in graph.calls[span.start : span.end]:
+            for key in call.inputs:
+                made = graph.producer.get(key)
+                if key in span.inputs or key in graph.constants or (made is not None and span.start <= made < span.end):
+                    continue
+                return False
+        return True
 
 
 def _per_channel(constant: tuple[int, ...], activation: tuple[int, ...] | None) -> bool:
@@ -376,19 +547,42 @@ def _per_channel(constant: tuple[int, ...], activation: tuple[int, ...] | None) 
     return not varying or (varying == [1] and padded[1] == activation[1])
 
 
-def _terms(recipe: Recipe, sign: float) -> tuple[tuple[float, Recipe], ...]:
+def _parts(found: _Found, sign: float) -> tuple[tuple[float, _Found], ...]:
+    if found.terms:
+        return tuple((sign * s, part) for s, part in found.terms)
+    return ((sign, found),)
+
+
+def _rebase(recipe: Recipe, base: Recipe) -> Recipe:
+    """``recipe`` reading ``base`` where it read its input."""
+    if isinstance(recipe, Source):
+        return base
+    if isinstance(recipe, (Layer, Coefficient)):
+        return replace(recipe, inner=_rebase(recipe.inner, base))
     if isinstance(recipe, Sum):
-        return tuple((sign * s, r) for s, r in recipe.terms)
-    return ((sign, recipe),)
+        return Sum(tuple((s, _rebase(r, base)) for s, r in recipe.terms))
+    return recipe
 
 
-def _has_conv(recipe: Recipe) -> bool:
+def _reads(recipe: Recipe) -> bool:
+    """Whether a recipe is known all the way down to the branches' input (it holds no :class:`Unknown`)."""
+    if isinstance(recipe, Unknown):
+        return False
+    if isinstance(recipe, (Layer, Coefficient)):
+        return _reads(recipe.inner)
+    if isinstance(recipe, Sum):
+        return all(_reads(r) for _, r in recipe.terms)
+    return True
+
+
+def has_conv(recipe: Recipe) -> bool:
+    """Whether a recipe runs a convolution it would merge."""
     if isinstance(recipe, Layer):
-        return recipe.kind == "conv" or _has_conv(recipe.inner)
+        return recipe.kind == "conv" or has_conv(recipe.inner)
     if isinstance(recipe, Coefficient):
-        return _has_conv(recipe.inner)
+        return has_conv(recipe.inner)
     if isinstance(recipe, Sum):
-        return any(_has_conv(r) for _, r in recipe.terms)
+        return any(has_conv(r) for _, r in recipe.terms)
     return False
 
 
@@ -430,8 +624,9 @@ def sequence_cost(recipe: Recipe, model: nn.Module) -> float:
 
 
 def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
-    """Every sum of parallel branches of one tensor, and every sequence of two or more convolutions with
-    only affine maps between them, latest first (not yet checked for exactness)."""
+    """Every sum of parallel branches of one tensor (with the branches that are not linear, each through the
+    modules that compute it from that tensor), and every sequence of two or more convolutions with only
+    affine maps between them, latest first (not yet checked for exactness)."""
     analysis = _Analysis(ctx)
     graph = ctx.graph
     covered: set[int] = set()
@@ -440,28 +635,45 @@ def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
         if call.index in covered or len(call.outputs) != 1 or call.kind not in ("module", "function"):
             continue
         result = analysis.step(call)
-        if result is None or not _has_conv(result.recipe):
+        if result is None or not has_conv(result.recipe):
             continue
         if not _has_sum(result.recipe) and len(_convs(result.recipe)) < 2:
             continue
         if len(result.sources) != 1:
-            continue  # a residual sum of values from different places: not parallel branches
-        covered |= result.calls
-        found.append(
-            Branches(
-                result.recipe,
-                next(iter(result.sources)),
-                frozenset(result.calls),
-                tuple(result.modules),
-                tuple(result.constants),
-                call.outputs[0],
-            )
-        )
+            split = analysis.split(result)
+            if split is None:
+                continue  # a residual sum of values from different places: not parallel branches
+            result = split
+        covered |= result.calls - result.opaque  # a kept branch's modules may hold branches of their own
+        found.append(_branches(result, call.outputs[0], analysis))
     return found
 
 
-def region_reason(branches: Branches, ctx: PlanContext) -> str | None:
-    """Why the modules and constants of a merge cannot be merged as they are (shared, hooked...)."""
+def _branches(found: _Found, output: ValueKey, analysis: _Analysis) -> Branches:
+    inner = found.under
+    while inner is not None and not inner.terms:
+        inner = inner.under
+    alone = None
+    if inner is not None and inner is not found and inner.made_by is not None and len(inner.sources) == 1:
+        alone = _branches(inner, analysis.graph.calls[inner.made_by].outputs[0], analysis)
+    return Branches(
+        found.recipe,
+        next(iter(found.sources)),
+        frozenset(found.calls),
+        tuple(found.modules),
+        tuple(found.constants),
+        output,
+        tuple(
+            Term(sign, part.recipe, frozenset(part.calls), tuple(part.modules), tuple(part.constants))
+            for sign, part in found.terms
+        ),
+        alone,
+    )
+
+
+def region_reason(branches: Branches | Term, ctx: PlanContext) -> str | None:
+    """Why the modules and constants of a merge (or of one of its branches) cannot be merged as they are
+    (shared, hooked...)."""
     for name in branches.modules:
         module = ctx.model.get_submodule(name)
         calls = ctx.graph.calls_of(module)

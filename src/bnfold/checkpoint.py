@@ -174,6 +174,9 @@ def _rebuild(model: nn.Module, record: FoldRecord, source: str, undo: _Undo) -> 
         parent, attr = parents[r.path]
         parent._modules[attr] = new
         undo.steps.append(partial(parent._modules.__setitem__, attr, old))
+        # a replacement may carry modules over (a MergedConv keeps some of the block's): replaced below, they
+        # are replaced where it holds them now
+        parents.update({f"{r.path}.{path}": where for path, where in _parents(new).items()})
     modules = dict(model.named_modules(remove_duplicate=False))
     for b in record.biases:
         layer = modules.get(b.path)

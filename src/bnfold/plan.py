@@ -15,6 +15,7 @@ constant    a per-channel parameter applied by an op, ``layer(x) <op> constant``
             folded into the layer, the constant set to the op's neutral value
 merge       parallel branches of one tensor and their sum, merged into one
             convolution: the block around them (``norm``) becomes a MergedConv
+            (in a partial merge, beside the branches that keep running)
 merged      a norm that is part of a merge (``partners``: the block)
 ==========  ===================================================================
 """
@@ -24,7 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["FoldKind", "Direction", "ConstantOp", "MergeRecipe", "FoldSite", "KeptNorm", "FoldPlan", "PlanRow"]
+__all__ = [
+    "FoldKind",
+    "Direction",
+    "ConstantOp",
+    "KeptBranch",
+    "MergeRecipe",
+    "FoldSite",
+    "KeptNorm",
+    "FoldPlan",
+    "PlanRow",
+]
 
 FoldKind = Literal["backward", "concat", "forward", "constant", "merge", "merged"]
 Direction = Literal["backward", "forward"]
@@ -32,10 +43,22 @@ ConstantOp = Literal["mul", "div", "add", "sub"]
 
 
 @dataclass(frozen=True)
+class KeptBranch:
+    """A branch of a partial merge that keeps running beside the merged convolution, and why: ``sign *
+    recipe(x)`` (a recipe of :mod:`bnfold.branches` whose modules run as they are), the modules it runs."""
+
+    sign: float
+    recipe: Any
+    modules: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
 class MergeRecipe:
     """What surgery needs to rebuild a merge: the branches as a recipe (:mod:`bnfold.branches`), the
     channels and spatial rank of the tensor they read, the modules that follow the sum inside the block
-    (names relative to it), what the merge became, in words, and the modules before the branches."""
+    (names relative to it), what the merge became, in words, and the modules before the branches.
+    ``kept``: in a partial merge, the branches that keep running, added to the merged convolution."""
 
     recipe: Any
     channels: int
@@ -43,6 +66,7 @@ class MergeRecipe:
     post: tuple[str, ...]
     result: str
     pre: tuple[str, ...] = ()  # the modules before the branches inside the block
+    kept: tuple[KeptBranch, ...] = ()
 
 
 @dataclass(frozen=True)

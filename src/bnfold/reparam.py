@@ -6,11 +6,18 @@ whose whole forward is those branches and what follows the sum inside it (an act
 cannot become one conv by swapping modules (the Python ``forward`` still adds), so surgery replaces that
 module by a :class:`MergedConv`: the merged convolution, then the modules that followed the sum.
 Everything else keeps its class and attribute path.
+
+When only some branches of a sum merge exactly (another has an activation, a different stride, shared
+weights...), those merge and the others keep running (a partial merge): the :class:`MergedConv` also holds
+the modules and constants of the kept branches, under their paths in the block, runs each kept branch as the
+chain of modules and coefficients it was, and adds it to the merged convolution's output before the modules
+that followed the sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import operator
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,30 +26,86 @@ from torch import Tensor, nn
 
 from .branches import (
     Branches,
+    Coefficient,
+    Layer,
+    Recipe,
+    Source,
+    Sum,
+    Term,
+    Unknown,
     channels_and_dims,
     describe,
     evaluate,
     find_branches,
+    has_conv,
     is_sum,
-    layer_names,
     region_reason,
     sequence_cost,
 )
 from .checks import Kept, PlanContext
 from .classes import layer_type
 from .graph import Span
-from .kernels import ConvForm, NotExact
-from .plan import FoldSite, KeptNorm, MergeRecipe, PlanRow
+from .kernels import ConvForm, NotExact, add_forms, affine_after
+from .plan import FoldSite, KeptBranch, KeptNorm, MergeRecipe, PlanRow
 
-__all__ = ["MergedConv", "merge_rows", "merge_hints", "build_conv"]
+__all__ = ["MergedConv", "merge_rows", "merge_hints", "build_conv", "kept_program", "Step"]
 
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+# One step of a kept branch, relative to the block: ("module", path, None) runs the module at ``path``;
+# (op, constant, shape) applies ``value <op> constant``, the constant a number or the path of a parameter or
+# buffer, read with ``shape`` (the op may have read it reshaped).
+Step = tuple[str, str | float, tuple[int, ...] | None]
+_OPS: dict[str, Callable[[Any, Any], Tensor]] = {
+    "mul": operator.mul,
+    "div": operator.truediv,
+    "add": operator.add,
+    "sub": operator.sub,
+}
+
+
+def _plant(root: nn.Module, path: str, thing: nn.Module | Tensor, kind: str) -> None:
+    """Register ``thing`` at ``path`` under ``root``, with plain containers for the names on the way (so
+    that its state_dict keys are those it had in the block)."""
+    *parents, last = path.split(".")
+    owner = root
+    for name in parents:
+        child = owner._modules.get(name)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(name, child)
+        owner = child
+    if kind == "module":
+        owner.add_module(last, cast(nn.Module, thing))
+    elif kind == "parameter":
+        owner.register_parameter(last, cast(nn.Parameter, thing))
+    else:
+        owner.register_buffer(last, cast(Tensor, thing))
+
+
+def _held_kind(block: nn.Module, path: str) -> str:
+    """Whether ``path`` in ``block`` is a module, a parameter or a buffer."""
+    owner_path, _, last = path.rpartition(".")
+    owner = block.get_submodule(owner_path) if owner_path else block
+    if last in owner._modules:
+        return "module"
+    return "parameter" if last in owner._parameters else "buffer"
+
+
+def _held_thing(block: nn.Module, path: str, kind: str) -> nn.Module | Tensor:
+    if kind == "module":
+        return block.get_submodule(path)
+    return block.get_parameter(path) if kind == "parameter" else block.get_buffer(path)
 
 
 class MergedConv(nn.Module):
     """What a block of parallel branches became: the modules before the branches inside the block, one
     convolution (``merged_conv``), then the modules after their sum. The modules around the branches keep
-    the attribute names they had in the block (so their paths, and their state_dict keys, do not move)."""
+    the attribute names they had in the block (so their paths, and their state_dict keys, do not move).
+
+    In a partial merge it also runs the branches that did not merge (``kept_branches``: a sign and the
+    steps of each, see :data:`Step`) on the same input and adds them to the merged convolution's output;
+    the modules and constants they read (``held``) keep their paths in the block too."""
 
     def __init__(
         self,
@@ -50,26 +113,32 @@ class MergedConv(nn.Module):
         post: list[tuple[str, nn.Module]],
         merged_from: tuple[str, ...] = (),
         pre: list[tuple[str, nn.Module]] | None = None,
+        kept: Sequence[tuple[float, tuple[Step, ...]]] = (),
+        held: Sequence[tuple[str, nn.Module | Tensor, str]] = (),
     ) -> None:
         super().__init__()
         for name, module in pre or []:
             self.add_module(name, module)
         self.merged_conv = conv  # registered between them, so that repr and state_dict read in order
+        for path, thing, kind in held:
+            _plant(self, path, thing, kind)
         for name, module in post:
             self.add_module(name, module)
         self.merged_from = merged_from
         self.pre_names = tuple(name for name, _ in pre or [])
         self.post_names = tuple(name for name, _ in post)
+        self.kept_branches = tuple((float(sign), tuple(steps)) for sign, steps in kept)
+        self.held = tuple((path, kind) for path, _, kind in held)
 
     @property
     def survivors(self) -> tuple[str, ...]:
         """The modules of the block it replaced that it keeps, under the same names."""
-        return (*self.pre_names, *self.post_names)
+        return (*self.pre_names, *self.post_names, *(path for path, kind in self.held if kind == "module"))
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-ready description, from which :meth:`from_record` rebuilds this structure."""
         conv = cast(nn.modules.conv._ConvNd, self.merged_conv)
-        return {
+        record = {
             "dims": len(conv.kernel_size),
             "in_channels": conv.in_channels,
             "out_channels": conv.out_channels,
@@ -84,11 +153,19 @@ class MergedConv(nn.Module):
             "post": list(self.post_names),
             "merged_from": list(self.merged_from),
         }
+        if self.kept_branches:
+            record["kept"] = [
+                [sign, [[op, target, None if shape is None else list(shape)] for op, target, shape in steps]]
+                for sign, steps in self.kept_branches
+            ]
+            record["held"] = [[path, kind] for path, kind in self.held]
+        return record
 
     @classmethod
     def from_record(cls, spec: dict[str, Any], replaced: nn.Module) -> MergedConv:
         """The structure :meth:`to_record` described, on ``replaced`` (the block of a freshly built model):
-        its modules before and after the branches are kept, the convolution is new (its weights load next)."""
+        its modules before and after the branches (and those of kept branches) are kept, the convolution is
+        new (its weights load next)."""
         dims = int(spec["dims"])
         dtype = getattr(torch, str(spec["dtype"]))
         conv = cast(Any, _CONV_TYPES[dims])(
@@ -104,18 +181,48 @@ class MergedConv(nn.Module):
         )
         pre = [(name, replaced.get_submodule(name)) for name in spec["pre"]]
         post = [(name, replaced.get_submodule(name)) for name in spec["post"]]
-        return cls(conv, post, tuple(spec["merged_from"]), pre)
+        kept = [
+            (
+                float(sign),
+                tuple(
+                    (
+                        str(op),
+                        target if isinstance(target, str) else float(target),
+                        None if shape is None else tuple(shape),
+                    )
+                    for op, target, shape in steps
+                ),
+            )
+            for sign, steps in spec.get("kept", [])
+        ]
+        held = [(str(path), _held_thing(replaced, path, kind), str(kind)) for path, kind in spec.get("held", [])]
+        return cls(conv, post, tuple(spec["merged_from"]), pre, kept, held)
 
     def forward(self, x: Tensor) -> Tensor:
         for name in self.pre_names:
             x = self._modules[name](x)  # type: ignore[misc]  # registered in __init__, never None
-        x = self.merged_conv(x)
+        y = self.merged_conv(x)
+        for sign, steps in self.kept_branches:
+            value = x
+            for op, target, shape in steps:
+                if op == "module":
+                    value = self.get_submodule(cast(str, target))(value)  # looked up now: a fold may replace it
+                elif isinstance(target, str):
+                    owner, _, name = target.rpartition(".")
+                    constant = cast(Tensor, getattr(self.get_submodule(owner) if owner else self, name))
+                    value = _OPS[op](value, constant if shape is None else constant.reshape(shape))
+                else:
+                    value = _OPS[op](value, target)
+            y = y + value if sign > 0 else y - value
         for name in self.post_names:
-            x = self._modules[name](x)  # type: ignore[misc]  # registered in __init__, never None
-        return x
+            y = self._modules[name](y)  # type: ignore[misc]  # registered in __init__, never None
+        return y
 
     def extra_repr(self) -> str:
-        return f"merged from: {', '.join(self.merged_from)}" if self.merged_from else ""
+        parts = [f"merged from: {', '.join(self.merged_from)}"] if self.merged_from else []
+        if self.kept_branches:
+            parts.append(f"kept branches: {len(self.kept_branches)}")
+        return "; ".join(parts)
 
 
 def build_conv(form: ConvForm, like: Tensor) -> nn.Module:
@@ -216,7 +323,38 @@ def _chains(branches: Branches, block: Span, name: str, ctx: PlanContext) -> tup
     return tuple(chains[0]), tuple(chains[1])
 
 
-def _analyse(branches: Branches, ctx: PlanContext) -> tuple[_Block, ConvForm]:
+@dataclass(frozen=True)
+class _Merge:
+    """What a merge takes: the block, the merged convolution and its recipe, the modules and calls it
+    merges, and (in a partial merge) the branches that keep running."""
+
+    block: _Block
+    branches: Branches
+    form: ConvForm
+    recipe: Recipe
+    modules: tuple[str, ...]
+    calls: frozenset[int]
+    kept: tuple[KeptBranch, ...] = ()
+
+
+def _analyse(branches: Branches, ctx: PlanContext) -> _Merge:
+    """The merge of all the branches; failing that, of those that merge (a partial merge); else Kept or
+    NotExact with the reason the whole sum stays."""
+    try:
+        return _whole(branches, ctx)
+    except (Kept, NotExact) as whole:
+        if branches.inner is not None and has_conv(branches.inner.recipe):
+            # the sum alone, without the norm or convolution after it; if it stays, its reason is about the sum
+            return _analyse(branches.inner, ctx)
+        if not branches.terms:
+            raise
+        try:
+            return _partial(branches, ctx)
+        except _NoSplit:
+            raise whole from None
+
+
+def _whole(branches: Branches, ctx: PlanContext) -> _Merge:
     reason = region_reason(branches, ctx)
     if reason:
         raise Kept(reason)
@@ -229,21 +367,201 @@ def _analyse(branches: Branches, ctx: PlanContext) -> tuple[_Block, ConvForm]:
                 f"one convolution would cost more multiply-adds than the sequence ({after:.0f} > {before:.0f})"
             )
     block = _enclosing(branches, ctx)
-    taken = ctx.claimed.get(block.name)
-    if taken is not None:
+    _unclaimed(block, ctx)
+    return _Merge(block, branches, form, branches.recipe, branches.modules, branches.calls)
+
+
+def _unclaimed(block: _Block, ctx: PlanContext) -> None:
+    if ctx.claimed.get(block.name) is not None:
         raise Kept(f"'{block.name}' already holds another merge", block.name)
-    return block, form
+
+
+class _NoSplit(Exception):  # noqa: N818 - control flow: no part of the branches is worth merging alone
+    pass
+
+
+# How many branches of one sum a partial merge tries as the first of its group (each try is linear in them).
+_MAX_SEEDS = 8
+
+
+def _partial(branches: Branches, ctx: PlanContext) -> _Merge:
+    """The largest group of branches that one convolution computes exactly, the others kept running.
+
+    Raises :class:`_NoSplit` when no group saves a module (see :func:`_saves`), and Kept when one would but a
+    kept branch cannot run alone."""
+    terms = branches.terms
+    channels, dims = channels_and_dims(branches, ctx)
+    forms: dict[int, ConvForm] = {}
+    reasons: dict[int, str] = {}
+    for i, term in enumerate(terms):
+        try:
+            form = evaluate(term.recipe, ctx.model, ctx.rules, channels, dims)
+        except Exception as error:  # NotExact, or a shape the analysis did not foresee: this branch stays
+            reasons[i] = _words(error)
+            continue
+        reason = region_reason(term, ctx)
+        if reason is None:
+            forms[i] = form
+        else:
+            reasons[i] = reason
+    group, merged_form = _largest_group(terms, forms)
+    if merged_form is None or len(group) < 2 or len(group) == len(terms) or not _saves([terms[i] for i in group]):
+        raise _NoSplit
+    for i in range(len(terms)):
+        if i not in group and i not in reasons:
+            try:
+                _combine(terms, forms, sorted((*group, i)))
+                reasons[i] = "it does not merge with the others"
+            except NotExact as error:
+                reasons[i] = str(error)
+    merged = [terms[i] for i in group]
+    kept = tuple(KeptBranch(t.sign, t.recipe, t.modules, reasons[i]) for i, t in enumerate(terms) if i not in group)
+    for branch in kept:
+        unknown = _unknown(branch.recipe)
+        if unknown is not None:
+            raise Kept(unknown)
+    block = _enclosing(branches, ctx)
+    held = kept_program(kept, block.name, block.module)[1]
+    _check_held(block, [p for p, _, _ in held], [m for t in merged for m in t.modules])
+    _unclaimed(block, ctx)
+    recipe = Sum(tuple((t.sign, t.recipe) for t in merged))
+    modules = tuple(m for t in merged for m in t.modules)
+    calls = branches.calls - frozenset().union(*(t.calls for i, t in enumerate(terms) if i not in group))
+    return _Merge(block, branches, merged_form, recipe, modules, calls, kept)
+
+
+def _combine(terms: tuple[Term, ...], forms: dict[int, ConvForm], group: Sequence[int]) -> ConvForm:
+    """The convolution of the branches ``group`` (in order), as :func:`~bnfold.branches.evaluate` adds them."""
+    first, *rest = group
+    form = forms[first]
+    if terms[first].sign != 1.0:
+        sign = torch.tensor(terms[first].sign, dtype=torch.float64)
+        form = affine_after(form, sign, torch.tensor(0.0, dtype=torch.float64))
+    for i in rest:
+        form = add_forms(form, forms[i], terms[i].sign)
+    return form
+
+
+def _largest_group(terms: tuple[Term, ...], forms: dict[int, ConvForm]) -> tuple[list[int], ConvForm | None]:
+    """The most branches that merge into one convolution: from each convolution branch in turn, every
+    other branch that still merges with those taken, in order."""
+    best: list[int] = []
+    best_form = None
+    seeds = [i for i in forms if has_conv(terms[i].recipe)][:_MAX_SEEDS]
+    for seed in seeds:
+        group = [seed]
+        for i in forms:
+            if i == seed:
+                continue
+            trial = sorted((*group, i))
+            try:
+                _combine(terms, forms, trial)
+            except NotExact:
+                continue
+            group = trial
+        if len(group) > len(best):
+            best, best_form = group, _combine(terms, forms, group)
+    return best, best_form
+
+
+def _saves(terms: list[Term]) -> bool:
+    """Whether merging ``terms`` runs fewer modules: a convolution among them, and at least two of them run
+    a module (a convolution, a norm or a pool; merging ``x`` alone into a convolution saves none)."""
+    return sum(1 for t in terms if t.modules) >= 2 and any(has_conv(t.recipe) for t in terms)
+
+
+def _unknown(recipe: Recipe) -> str | None:
+    """The reason of the first :class:`~bnfold.branches.Unknown` in a recipe, if it holds one."""
+    if isinstance(recipe, Unknown):
+        return recipe.reason
+    if isinstance(recipe, (Layer, Coefficient)):
+        return _unknown(recipe.inner)
+    if isinstance(recipe, Sum):
+        return next((r for r in (_unknown(t) for _, t in recipe.terms) if r is not None), None)
+    return None
+
+
+def _steps(recipe: Recipe, block: str) -> tuple[Step, ...]:
+    """A kept branch as steps relative to the block (Kept when it is not one chain inside the block)."""
+    if isinstance(recipe, Source):
+        return ()
+    if isinstance(recipe, Layer):
+        return (*_steps(recipe.inner, block), ("module", _relative(recipe.name, block), None))
+    if isinstance(recipe, Coefficient):
+        target: str | float = _relative(recipe.name, block) if recipe.name else float(recipe.value or 0.0)
+        return (*_steps(recipe.inner, block), (recipe.op, target, recipe.shape if recipe.name else None))
+    raise Kept(
+        f"a branch that does not merge is not one chain from the branches' input, so it cannot run alone in '{block}'",
+        block,
+    )
+
+
+def _relative(name: str, block: str) -> str:
+    if not name.startswith(block + "."):
+        raise Kept(f"'{name}', on a branch that does not merge, is not inside '{block}'", block)
+    return name[len(block) + 1 :]
+
+
+def kept_program(
+    kept: Sequence[KeptBranch], block_name: str, block: nn.Module
+) -> tuple[list[tuple[float, tuple[Step, ...]]], list[tuple[str, nn.Module | Tensor, str]]]:
+    """The kept branches of a partial merge as :class:`MergedConv` runs them (signs and steps, relative to
+    the block), and what they read there (path, the module or tensor, its kind), outermost paths only."""
+    program = [(branch.sign, _steps(branch.recipe, block_name)) for branch in kept]
+    paths: list[str] = []
+    for _, steps in program:
+        for _op, target, _ in steps:
+            if isinstance(target, str) and target not in paths:
+                paths.append(target)
+    paths = _whole_containers(block, paths)
+    outermost = [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+    held = [(p, _held_thing(block, p, kind), kind) for p in outermost for kind in (_held_kind(block, p),)]
+    return program, held
+
+
+def _whole_containers(block: nn.Module, paths: list[str]) -> list[str]:
+    """``paths`` with a container in place of its children when it holds nothing else (so that it keeps its
+    class: a Sequential stays one)."""
+    paths = list(paths)
+    changed = True
+    while changed:
+        changed = False
+        for path in list(paths):
+            parent = path.rpartition(".")[0]
+            if not parent or parent in paths:
+                continue
+            children = [f"{parent}.{name}" for name, child in block.get_submodule(parent)._modules.items() if child]
+            if children and all(c in paths for c in children):
+                paths = [p for p in paths if not p.startswith(parent + ".")]
+                paths.append(parent)
+                changed = True
+                break
+    return paths
+
+
+def _check_held(block: _Block, held: list[str], merged: list[str]) -> None:
+    """A kept branch's modules must be apart from the merged ones and from those around the branches."""
+    prefix = block.name + "."
+    around = (*block.pre, *block.post)
+    for path in held:
+        for other in (*around, *(m[len(prefix) :] for m in merged if m.startswith(prefix))):
+            if path == other or path.startswith(other + ".") or other.startswith(path + "."):
+                raise Kept(
+                    f"'{prefix}{path}', on a branch that does not merge, shares '{prefix}{other}' with the merge",
+                    block.name,
+                )
 
 
 def merge_rows(ctx: PlanContext) -> list[PlanRow]:
     """The merges of the model: one row per block merged (kind ``merge``) and one per norm it absorbs
-    (kind ``merged``); a row with the reason for branches that share their input but do not merge."""
+    (kind ``merged``); in a partial merge, one per branch that keeps running, with the reason; a row with
+    the reason for branches that share their input but do not merge."""
     rows: list[PlanRow] = []
     for found in reversed(find_branches(ctx)):  # in the order they run
         if isinstance(found, Kept):
             continue
         try:
-            block, form = _analyse(found, ctx)
+            merge = _analyse(found, ctx)
         except Exception as keep:  # Kept, NotExact, or a shape the analysis did not foresee: never merged
             if not is_sum(found.recipe):
                 continue  # a sequence of convolutions that stays as it is: nothing to report
@@ -251,14 +569,20 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
             names = ", ".join(f"'{m}'" for m in found.modules)
             rows.append(KeptNorm(f"{_label(found, ctx)} (branches)", "branches", f"branches {names}: {reason}"))
             continue
+        block = merge.block
         if block.name in ctx.refused:
             names = ", ".join(f"'{m}'" for m in found.modules)
             reason = f"branches {names}: {ctx.refused[block.name]}"
             rows.append(KeptNorm(f"{block.name} (branches)", "branches", reason))
             continue
-        modules, types = layer_names(found, ctx.model)
-        channels, dims = channels_and_dims(found, ctx)
-        recipe = MergeRecipe(found.recipe, channels, dims, block.post, describe(form), block.pre)
+        modules = merge.modules
+        types = tuple(layer_type(ctx.model.get_submodule(n)).__name__ for n in modules)
+        channels, dims = channels_and_dims(merge.branches, ctx)
+        result = describe(merge.form)
+        if merge.kept:
+            count = len(merge.kept)
+            result += f" + {count} kept branch{'es' if count > 1 else ''}"
+        recipe = MergeRecipe(merge.recipe, channels, dims, block.post, result, block.pre, merge.kept)
         rows.append(FoldSite(block.name, layer_type(block.module).__name__, modules, types, "merge", merge=recipe))
         for name in modules:
             module = ctx.model.get_submodule(name)
@@ -268,11 +592,22 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
                         name, layer_type(module).__name__, (block.name,), (layer_type(block.module).__name__,), "merged"
                     )
                 )
-        survivors = tuple(f"{block.name}.{s}" for s in (*block.pre, *block.post))
+        for branch in merge.kept:
+            what = branch.modules[-1] if branch.modules else block.name
+            rows.append(
+                KeptNorm(
+                    f"{what} (branch)",
+                    "branch",
+                    f"runs beside the merged convolution of '{block.name}': {branch.reason}",
+                    block.name,
+                )
+            )
+        held = [p for p, _, kind in kept_program(merge.kept, block.name, block.module)[1] if kind == "module"]
+        survivors = tuple(f"{block.name}.{s}" for s in (*block.pre, *block.post, *held))
         for name, _ in block.module.named_modules(prefix=block.name):
             if not any(name == s or name.startswith(s + ".") for s in survivors):
                 ctx.claimed[name] = block.name  # gone with the block; what survives may still take folds
-        ctx.claimed_calls |= found.calls
+        ctx.claimed_calls |= merge.calls
     return rows
 
 
@@ -284,11 +619,11 @@ def merge_hints(ctx: PlanContext, norms: Collection[str] | None = None) -> dict[
         if isinstance(found, Kept) or (norms is not None and not any(m in norms for m in found.modules)):
             continue
         try:
-            block, _ = _analyse(found, ctx)
+            merge = _analyse(found, ctx)
         except Exception:  # Kept, NotExact, or anything unforeseen: a hint is a courtesy, never a failure
             continue
-        for name in found.modules:
-            hints[name] = block.name
+        for name in merge.modules:
+            hints[name] = merge.block.name
     return hints
 
 

@@ -115,6 +115,7 @@ class FoldReport:
                     "type": row.norm_type,
                     "branches": list(getattr(row, "partners", ())),
                     "result": merge.result,
+                    "kept_branches": [{"modules": list(k.modules), "reason": k.reason} for k in merge.kept],
                     "largest_weight_before": before,
                     "largest_weight_after": after,
                 }

@@ -25,7 +25,7 @@ from .errors import FoldError
 from .layers import out_channels
 from .norms import laid_out, require_tensor, tensor_attr
 from .plan import FoldKind, FoldPlan, FoldSite
-from .reparam import MergedConv, build_conv
+from .reparam import MergedConv, build_conv, kept_program
 from .rules import FoldRule, RuleTable
 from .weights import effective_weight, weight_hook
 
@@ -282,7 +282,17 @@ def _apply_merge(surgery: Surgery, site: FoldSite) -> None:
     conv = build_conv(form, require_tensor(first, "weight"))
     post = [(name, block.get_submodule(name)) for name in site.merge.post]
     pre = [(name, block.get_submodule(name)) for name in site.merge.pre]
-    _replace(surgery.parents, block, MergedConv(conv, post, site.partners, pre), surgery.undo)
+    kept, held = kept_program(site.merge.kept, site.norm, block)
+    merged = MergedConv(conv, post, site.partners, pre, kept, held)
+    modes = {id(m): m.training for m in merged.modules()}
+    _replace(surgery.parents, block, merged, surgery.undo)
+    for module in merged.modules():  # what it keeps runs in the mode it ran in (a norm left in training mode)
+        module.training = modes.get(id(module), merged.training) if module is not merged else merged.training
+    # what it keeps is registered there now too: a later fold that replaces one of them must replace it there
+    for path, thing, kind in [(n, m, "module") for n, m in (*pre, *post)] + held:
+        if kind == "module":
+            owner, _, attr = path.rpartition(".")
+            surgery.parents.setdefault(id(thing), []).append((merged.get_submodule(owner) if owner else merged, attr))
 
 
 def _is_conv(module: nn.Module) -> bool:
