@@ -539,6 +539,57 @@ def test_a_branch_computed_by_code_in_forward_keeps_the_whole_sum_with_the_reaso
     assert result.report.folded == 3  # each norm still folds into its own conv
 
 
+class GhostBottleneck(nn.Module):
+    """RepGhost's bottleneck: a module whose own sum merges, then the block's input added to its output (a
+    residual connection, not a branch of what the module reads)."""
+
+    class Ghost(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cheap, self.fusion_bn, self.relu = conv_bn(8, 8, 3, 1, 1, groups=8), nn.BatchNorm2d(8), nn.Identity()
+
+        def forward(self, x):
+            return self.relu(self.cheap(x) + self.fusion_bn(x))
+
+    def __init__(self):
+        super().__init__()
+        self.ghost1 = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.ghost2 = self.Ghost()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.ghost2(self.ghost1(x))
+        x += shortcut
+        return x
+
+
+def test_a_residual_added_to_merged_branches_is_not_a_branch():
+    result = merge(GhostBottleneck(), X, merged=1, runs=(2, 0))
+    assert isinstance(result.model[0].ghost2, bnfold.MergedConv) and not result.model[0].ghost2.kept_branches
+    assert not result.report.plan.kept, str(result.report.plan)
+
+
+def test_a_sum_inside_a_module_merges_alone_when_a_branch_beside_it_is_code():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.c = Inner(), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return self.inner(x) + torch.relu(self.c(x))
+
+    result = merge(Outer(), X, merged=1, runs=(2, 0))
+    assert isinstance(result.model[0].inner, bnfold.MergedConv) and not result.report.plan.kept
+
+
 def test_a_branch_read_elsewhere_keeps_the_whole_sum_with_the_reason():
     class Leak(nn.Module):
         def __init__(self):

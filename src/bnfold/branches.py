@@ -131,6 +131,7 @@ class Branches:
     output: ValueKey
     terms: tuple[Term, ...] = ()
     inner: Branches | None = None
+    opaque: frozenset[int] = frozenset()  # calls inside the modules a branch that does not merge runs as they are
 
 
 # -- evaluating a recipe on a model ------------------------------------------------------------------------
@@ -309,6 +310,10 @@ def _exact_pool(module: nn.Module) -> bool:
     return isinstance(module, _AVG_POOLS) and _pool_flaw(module) is None
 
 
+# How many values the analysis looks back over to tell whether a value added to branches is computed from
+# their input (a branch that is not linear) or not (a residual connection).
+_MAX_LOOK_BACK = 10_000
+
 # How many linear steps one branch may chain before the analysis stops looking (a deep purely linear stack
 # is not a block of branches, and the walk must neither recurse without bound nor cost more than linear time).
 _MAX_DEPTH = 200
@@ -447,6 +452,9 @@ class _Analysis:
         for x, parts in sorted(sources.items(), key=lambda item: -len(item[1])):
             if len(parts) < 2 or not any(has_conv(p.recipe) for p in parts):
                 continue
+            others = {v for _, part in found.terms if part.sources != {x} for v in part.sources}
+            if not all(self._computed_from(v, x) for v in others):
+                continue  # a value from before x is added (a residual connection): not branches of x
             terms = tuple(
                 (sign, part if part.sources == {x} else self._through_modules(part, x)) for sign, part in found.terms
             )
@@ -509,6 +517,25 @@ class _Analysis:
             part.constants,
             opaque=frozenset(calls),
         )
+
+    def _computed_from(self, value: ValueKey, x: ValueKey) -> bool:
+        """Whether ``value`` is computed from ``x`` (looking back only over the calls made after ``x``)."""
+        graph = self.graph
+        start = graph.producer.get(x, -1)
+        seen: set[ValueKey] = set()
+        todo = [value]
+        while todo:
+            key = todo.pop()
+            if key == x:
+                return True
+            index = graph.producer.get(key)
+            if key in seen or index is None or index <= start:
+                continue
+            seen.add(key)
+            if len(seen) > _MAX_LOOK_BACK:
+                return False  # too far to tell: taken for a value from elsewhere (nothing merges)
+            todo.extend(graph.calls[index].inputs)
+        return False
 
     def _module_making(self, value: ValueKey) -> Span | None:
         """The largest module call (not the model's) that computes ``value`` from one tensor and reads
@@ -644,7 +671,8 @@ def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
             if split is None:
                 continue  # a residual sum of values from different places: not parallel branches
             result = split
-        covered |= result.calls - result.opaque  # a kept branch's modules may hold branches of their own
+        if _reads(result.recipe):  # (else it stays whole, and sums inside it may still merge on their own)
+            covered |= result.calls - result.opaque  # a kept branch's modules may hold branches of their own
         found.append(_branches(result, call.outputs[0], analysis))
     return found
 
@@ -668,6 +696,7 @@ def _branches(found: _Found, output: ValueKey, analysis: _Analysis) -> Branches:
             for sign, part in found.terms
         ),
         alone,
+        found.opaque,
     )
 
 

@@ -80,16 +80,18 @@ def _plant(root: nn.Module, path: str, thing: nn.Module | Tensor, kind: str) -> 
     elif kind == "parameter":
         owner.register_parameter(last, cast(nn.Parameter, thing))
     else:
-        owner.register_buffer(last, cast(Tensor, thing))
+        owner.register_buffer(last, cast(Tensor, thing), persistent=kind == "buffer")
 
 
 def _held_kind(block: nn.Module, path: str) -> str:
-    """Whether ``path`` in ``block`` is a module, a parameter or a buffer."""
+    """Whether ``path`` in ``block`` is a module, a parameter, a buffer or a buffer kept out of the state_dict."""
     owner_path, _, last = path.rpartition(".")
     owner = block.get_submodule(owner_path) if owner_path else block
     if last in owner._modules:
         return "module"
-    return "parameter" if last in owner._parameters else "buffer"
+    if last in owner._parameters:
+        return "parameter"
+    return "non-persistent buffer" if last in owner._non_persistent_buffers_set else "buffer"
 
 
 def _held_thing(block: nn.Module, path: str, kind: str) -> nn.Module | Tensor:
@@ -557,14 +559,20 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
     (kind ``merged``); in a partial merge, one per branch that keeps running, with the reason; a row with
     the reason for branches that share their input but do not merge."""
     rows: list[PlanRow] = []
-    for found in reversed(find_branches(ctx)):  # in the order they run
-        if isinstance(found, Kept):
-            continue
+    everything = [found for found in reversed(find_branches(ctx)) if not isinstance(found, Kept)]  # in run order
+    # sums kept whole because no module computes one of their branches; the sums inside them may merge alone
+    whole = [found.calls - found.opaque for found in everything if _unknown(found.recipe) is not None]
+    for found in everything:
+        own = found.calls - found.opaque
+        if _unknown(found.recipe) is not None and own & ctx.claimed_calls:
+            continue  # a sum inside it merged on its own
         try:
             merge = _analyse(found, ctx)
         except Exception as keep:  # Kept, NotExact, or a shape the analysis did not foresee: never merged
             if not is_sum(found.recipe):
                 continue  # a sequence of convolutions that stays as it is: nothing to report
+            if any(own < calls for calls in whole):
+                continue  # reported with the sum it is part of
             reason = keep.reason if isinstance(keep, Kept) else _words(keep)
             names = ", ".join(f"'{m}'" for m in found.modules)
             rows.append(KeptNorm(f"{_label(found, ctx)} (branches)", "branches", f"branches {names}: {reason}"))
