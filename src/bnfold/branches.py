@@ -26,7 +26,9 @@ from .classes import layer_type, type_chain
 from .constants import CONSTANT_OPS, constant_named, find_constant, readers_inside
 from .graph import Call, Span, TensorRef, ValueKey
 from .kernels import ConvForm, NotExact, add_forms, affine_after, compose, identity_form, pool_form
-from .norms import identity_replacement, norm_act_replacement, tensor_attr
+from .layers import CONVS
+from .norms import tensor_attr
+from .ops import AVG_POOLS
 from .rules import RuleTable
 from .weights import effective_weight
 
@@ -50,8 +52,6 @@ __all__ = [
     "sequence_cost",
 ]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADD = {
     "Tensor.add",
     "Tensor.add_",
@@ -202,7 +202,7 @@ def evaluate(recipe: Recipe, model: nn.Module, rules: RuleTable, channels: int, 
             raise NotExact(f"no rule for the norm '{recipe.name}'")
         scale, shift = norm_rule.affine(module)
         return affine_after(inner, scale, shift)
-    if not isinstance(module, _AVG_POOLS):
+    if not isinstance(module, tuple(AVG_POOLS)):
         raise NotExact(f"'{recipe.name}' is not an average pool")
     size = _tuple(module.kernel_size, dims)
     stride = _tuple(module.stride or module.kernel_size, dims)
@@ -255,7 +255,7 @@ class _Found:
 
 def _not_linear(name: str, module: nn.Module) -> str:
     """Why a module on a branch is not a step of one convolution, in words."""
-    if isinstance(module, _AVG_POOLS):
+    if isinstance(module, tuple(AVG_POOLS)):
         return (
             f"'{name}' ({type(module).__name__}) is an average pool that is not a convolution (it {_pool_flaw(module)})"
         )
@@ -269,17 +269,13 @@ def _number(value: object) -> float | None:
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
-    return any(kind in _CONVS for kind in type_chain(module))
+    return any(kind in CONVS.values() for kind in type_chain(module))
 
 
 def _is_linear_norm(module: nn.Module, rules: RuleTable) -> bool:
     """A norm bnfold has a rule for, that applies nothing but its affine map."""
     norm_rule = rules.norm_rule(module)
-    if norm_rule is None or norm_rule.check(module) is not None:
-        return False
-    if norm_rule.replacement is norm_act_replacement:
-        return all(isinstance(getattr(module, n, None), (nn.Identity, type(None))) for n in ("drop", "act"))
-    return norm_rule.replacement is identity_replacement
+    return norm_rule is not None and norm_rule.is_linear(module)
 
 
 def _on_channels(norm: nn.Module, call: Call, rules: RuleTable) -> bool:
@@ -307,7 +303,7 @@ def _pool_flaw(module: nn.Module) -> str | None:
 
 def _exact_pool(module: nn.Module) -> bool:
     """An average pool that is a convolution with weights ``1 / k^d``."""
-    return isinstance(module, _AVG_POOLS) and _pool_flaw(module) is None
+    return isinstance(module, tuple(AVG_POOLS)) and _pool_flaw(module) is None
 
 
 # How many values the analysis looks back over to tell whether a value added to branches is computed from

@@ -208,30 +208,27 @@ def compose(inner: ConvForm, outer: ConvForm) -> ConvForm:
                 "a 1x1 convolution with a bias comes before a zero-padded one: the padded zeros would not "
                 "carry the bias"
             )
-        bias = outer.bias + _response(outer, inner.bias)
-        if inner.diagonal:
-            scales = _input_scales(inner.kernel.reshape(-1), outer)
-            kernel = outer.kernel * scales.reshape(*scales.shape, *([1] * outer.dims))
-            return replace(outer, kernel=kernel, bias=bias)
-        if outer.diagonal:
-            kernel = inner.kernel * outer.kernel.reshape(outer.out_channels, 1, *outer.size)
-            return replace(outer, kernel=kernel, bias=bias, groups=inner.groups, diagonal=False)
-        kernel, groups = _mix(outer.kernel, inner.kernel, outer.groups, inner.groups)
-        return replace(outer, kernel=kernel, bias=bias, groups=groups, diagonal=False)
-    if outer.pointwise:
-        bias = outer.bias + _response(outer, inner.bias)
-        if outer.diagonal:
-            return affine_after(inner, outer.kernel.reshape(-1), outer.bias)
-        if inner.diagonal:
-            kernel = outer.kernel.reshape(outer.out_channels, -1, *([1] * inner.dims)) * inner.kernel.reshape(
-                1, -1, *inner.size
-            )
-            if outer.groups != 1:
-                raise NotExact("a grouped 1x1 convolution after a depthwise map does not merge here")
-            return replace(inner, kernel=kernel, bias=bias, groups=1, diagonal=False)
-        kernel, groups = _mix(outer.kernel, inner.kernel, outer.groups, inner.groups)
-        return replace(inner, kernel=kernel, bias=bias, groups=groups, diagonal=False)
-    raise NotExact("two convolutions in a row, neither of them 1x1, do not merge into one convolution")
+    elif not outer.pointwise:
+        raise NotExact("two convolutions in a row, neither of them 1x1, do not merge into one convolution")
+    bias = outer.bias + _response(outer, inner.bias)
+    if inner.pointwise and inner.diagonal:  # a per-channel scale of outer's inputs
+        scales = _input_scales(inner.kernel.reshape(-1), outer)
+        return replace(outer, kernel=outer.kernel * scales.reshape(*scales.shape, *([1] * outer.dims)), bias=bias)
+    if not inner.pointwise and outer.diagonal:  # a per-channel scale of inner's outputs
+        return affine_after(inner, outer.kernel.reshape(-1), outer.bias)
+    if outer.diagonal:  # a 1x1 channel mix, then a per-channel filter
+        kernel = inner.kernel * outer.kernel.reshape(outer.out_channels, 1, *outer.size)
+        return replace(outer, kernel=kernel, bias=bias, groups=inner.groups, diagonal=False)
+    if inner.diagonal:  # a per-channel filter, then a 1x1 channel mix
+        if outer.groups != 1:
+            raise NotExact("a grouped 1x1 convolution after a depthwise map does not merge here")
+        kernel = outer.kernel.reshape(outer.out_channels, -1, *([1] * inner.dims)) * inner.kernel.reshape(
+            1, -1, *inner.size
+        )
+        return replace(inner, kernel=kernel, bias=bias, groups=1, diagonal=False)
+    kernel, groups = _mix(outer.kernel, inner.kernel, outer.groups, inner.groups)
+    spatial = outer if inner.pointwise else inner  # the result keeps the geometry of the one that is not 1x1
+    return replace(spatial, kernel=kernel, bias=bias, groups=groups, diagonal=False)
 
 
 def _input_scales(scale: Tensor, outer: ConvForm) -> Tensor:

@@ -18,6 +18,7 @@ from .arithmetic import Layout
 from .norms import require_tensor
 
 __all__ = [
+    "CONVS",
     "LayerRule",
     "builtin_layer_rules",
     "layout_of_type",
@@ -30,13 +31,14 @@ __all__ = [
     "output_ranks",
 ]
 
+# The torch convolutions, by spatial rank.
+CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
 _LAYOUTS: tuple[tuple[type[nn.Module], Layout], ...] = (
     (nn.ConvTranspose1d, "conv_transpose"),
     (nn.ConvTranspose2d, "conv_transpose"),
     (nn.ConvTranspose3d, "conv_transpose"),
-    (nn.Conv1d, "conv"),
-    (nn.Conv2d, "conv"),
-    (nn.Conv3d, "conv"),
+    *((conv, "conv") for conv in CONVS.values()),
     (nn.Linear, "linear"),
 )
 

@@ -13,9 +13,8 @@ from .classes import layer_type
 from .forward import fold_forward
 from .graph import Call
 from .layout import MEMORY_FORMATS
-from .norms import identity_replacement, norm_act_replacement
+from .norms import leaves_nothing
 from .plan import FoldSite, KeptNorm, PlanRow
-from .rules import FoldRule
 
 __all__ = ["norm_rows"]
 
@@ -54,21 +53,11 @@ def norm_rows(ctx: PlanContext) -> list[PlanRow]:
             rows[name] = site
             if site.kind == "backward":
                 rule = rules.rule_for(model.get_submodule(site.partners[0]), norm, "backward")
-                if rule is not None and _leaves_nothing(rule, norm):
+                if rule is not None and leaves_nothing(rule.replacement, norm):
                     ctx.transparent.add(name)  # a later norm may read through it into the same layer
         except Kept as keep:
             rows[name] = KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner)
     return [rows[name] for name, _ in ordered]
-
-
-def _leaves_nothing(rule: FoldRule, norm: nn.Module) -> bool:
-    """Whether what takes a folded norm's place computes nothing (not an activation it kept). Custom
-    replacements are not looked into."""
-    if rule.replacement is identity_replacement:
-        return True
-    if rule.replacement is norm_act_replacement:
-        return all(isinstance(getattr(norm, n, None), (nn.Identity, type(None))) for n in ("drop", "act"))
-    return False
 
 
 def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:

@@ -33,6 +33,7 @@ __all__ = [
     "Contiguous",
     "laid_out",
     "norm_act_replacement",
+    "leaves_nothing",
     "FoldedNormAct",
     "batch_channel_axis",
     "last_channel_axis",
@@ -179,6 +180,20 @@ def norm_act_replacement(norm: nn.Module) -> nn.Module:
     return FoldedNormAct(_child(norm, "drop"), _child(norm, "act"))
 
 
+def leaves_nothing(replacement: Callable[[nn.Module], nn.Module], norm: nn.Module) -> bool:
+    """Whether what ``replacement`` puts in a folded ``norm``'s place computes nothing (no activation or
+    dropout it keeps). Custom replacements are not looked into.
+
+    >>> leaves_nothing(identity_replacement, nn.BatchNorm2d(3))
+    True
+    """
+    if replacement is identity_replacement:
+        return True
+    if replacement is norm_act_replacement:
+        return all(isinstance(getattr(norm, n, None), (nn.Identity, type(None))) for n in ("drop", "act"))
+    return False
+
+
 # -- forward folds -----------------------------------------------------------------------------------------
 
 
@@ -227,6 +242,11 @@ class NormRule:
     def __post_init__(self) -> None:
         if not (isinstance(self.norm, type) and issubclass(self.norm, nn.Module)):
             raise TypeError(f"NormRule.norm must be an nn.Module subclass, got {self.norm!r}")
+
+    def is_linear(self, norm: nn.Module) -> bool:
+        """Whether ``norm`` applies nothing but its affine map right now: a fixed map (``check`` finds no
+        reason), and nothing left in its place once folded (:func:`leaves_nothing`)."""
+        return self.check(norm) is None and leaves_nothing(self.replacement, norm)
 
 
 # Norms that normalize each input with its own statistics: never a fixed map.

@@ -41,7 +41,7 @@ from . import compat
 from .classes import type_chain
 from .graph import Call, Shape, TensorRef
 
-__all__ = ["OpKind", "AxisMove", "OpEntry", "op_table", "entry_for", "axis_after", "axis_before"]
+__all__ = ["OpKind", "AxisMove", "OpEntry", "AVG_POOLS", "op_table", "entry_for", "axis_after", "axis_before"]
 
 OpKind = Literal["kept", "moved", "reshaped", "pooled", "reduced", "identity"]
 
@@ -325,10 +325,10 @@ _FUNCTIONS: dict[str, OpEntry] = {
     "_VariableFunctionsClass.mean": _MEAN,
 }
 
+# The average pools with a fixed window, by spatial rank (one is a convolution when it counts its padding).
+AVG_POOLS: dict[type[nn.Module], int] = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _AVG_POOLS = {
-    nn.AvgPool1d: 1,
-    nn.AvgPool2d: 2,
-    nn.AvgPool3d: 3,
+    **AVG_POOLS,
     nn.AdaptiveAvgPool1d: 1,
     nn.AdaptiveAvgPool2d: 2,
     nn.AdaptiveAvgPool3d: 3,

@@ -46,11 +46,11 @@ from .checks import Kept, PlanContext
 from .classes import layer_type
 from .graph import Span
 from .kernels import ConvForm, NotExact, add_forms, affine_after
+from .layers import CONVS
 from .plan import FoldSite, KeptBranch, KeptNorm, MergeRecipe, PlanRow
 
 __all__ = ["MergedConv", "merge_rows", "merge_hints", "build_conv", "kept_program", "Step"]
 
-_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 # One step of a kept branch, relative to the block: ("module", path, None) runs the module at ``path``;
 # (op, constant, shape) applies ``value <op> constant``, the constant a number or the path of a parameter or
@@ -170,7 +170,7 @@ class MergedConv(nn.Module):
         new (its weights load next)."""
         dims = int(spec["dims"])
         dtype = getattr(torch, str(spec["dtype"]))
-        conv = cast(Any, _CONV_TYPES[dims])(
+        conv = cast(Any, CONVS[dims])(
             int(spec["in_channels"]),
             int(spec["out_channels"]),
             tuple(spec["kernel_size"]),
@@ -229,7 +229,7 @@ class MergedConv(nn.Module):
 
 def build_conv(form: ConvForm, like: Tensor) -> nn.Module:
     """A torch convolution holding ``form``, its weights cast once to ``like``'s dtype and device."""
-    conv_type = cast(Any, _CONV_TYPES[form.dims])  # Conv1d/2d/3d take tuples for every size argument
+    conv_type = cast(Any, CONVS[form.dims])  # Conv1d/2d/3d take tuples for every size argument
     conv: nn.Module = conv_type(
         form.in_channels,
         form.out_channels,

@@ -22,7 +22,7 @@ from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_cha
 from .branches import evaluate
 from .constants import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
-from .layers import out_channels
+from .layers import CONVS, out_channels
 from .norms import laid_out, require_tensor, tensor_attr
 from .plan import FoldKind, FoldPlan, FoldSite
 from .reparam import MergedConv, build_conv, kept_program
@@ -296,7 +296,7 @@ def _apply_merge(surgery: Surgery, site: FoldSite) -> None:
 
 
 def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return isinstance(module, tuple(CONVS.values()))
 
 
 def _apply_merged(surgery: Surgery, site: FoldSite) -> None:
