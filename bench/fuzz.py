@@ -630,24 +630,76 @@ class Constant(Step):
         run.add(out)
 
 
-@step("scale_module", 1)
+@step("scale_module", 1.5)
 class ScaleModule(ModuleStep):
-    """A user's small module whose forward is ``x * self.gamma``."""
+    """A user's small module applying a per-channel constant of its own (``x * self.gamma.view(-1, 1, 1)``...):
+    folded into the layer before it when its forward reads the constant once, kept when it reads it again."""
 
     def build(self, b: Builder, g: Gene) -> dict[str, Any] | None:
-        src = b.pick(g.src, floating(4))
+        src = b.pick(g.src, floating((3, 4, 5)))
         if src is None:
             return None
-        return {"src": src, "mod": b.module(Scale(b.values[src].shape[1])), "what": "Scale"}
+        x = b.values[src]
+        form = _choice(g, 0, ["shaped", "view", "index", "reshape"])
+        op = _choice(g, 2, ["mul", "mul", "div", "add", "sub"])
+        again = _choice(g, 5, [None, None, None, None, "sum", "square", "returned"])
+        module = Scale(x.shape[1], x.dim(), form, op, again, buffer=_bit(g, 8), generator=g.seed)
+        return {"src": src, "mod": b.module(module), "what": f"Scale({form}, {op}, again={again})"}
+
+    def apply(self, p: Program, run: Run, a: dict[str, Any]) -> None:
+        out = p.mods[a["mod"]](run.values[a["src"]])
+        if isinstance(out, tuple):  # the module also returned its constant: the program returns it too
+            out, gamma = out
+            run.outputs.append(gamma)
+        run.add(out)
 
 
 class Scale(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+    """``x <op> gamma`` over the channels (axis 1), gamma shaped to broadcast in one of several ways; with
+    ``again``, the forward also reads gamma elsewhere (a sum of it, its square, or gamma returned beside the
+    result), so that gamma may not be set to the op's neutral value."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+    def __init__(
+        self, c: int, rank: int, form: str, op: str, again: str | None, buffer: bool = False, generator: int = 0
+    ) -> None:
+        super().__init__()
+        value = torch.rand(
+            c if form != "shaped" else (c, *[1] * (rank - 2)), generator=torch.Generator().manual_seed(generator)
+        )
+        value = value + 0.5 if op in ("mul", "div") else value - 0.5
+        if buffer:
+            self.register_buffer("gamma", value)
+        else:
+            self.gamma = nn.Parameter(value)
+        self.rank, self.form, self.op, self.again = rank, form, op, again
+
+    def shaped(self) -> Tensor:
+        gamma, tail = self.gamma, [1] * (self.rank - 2)
+        if self.form == "view":
+            return gamma.view(-1, *tail)
+        if self.form == "reshape":
+            return gamma.reshape(1, -1, *tail)
+        if self.form == "index":
+            return gamma[(slice(None),) + (None,) * (self.rank - 2)]
+        return gamma
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        gamma = self.shaped()
+        if self.op == "mul":
+            out = x * gamma
+        elif self.op == "div":
+            out = x / gamma
+        elif self.op == "add":
+            out = x + gamma
+        else:
+            out = x - gamma
+        if self.again == "sum":
+            out = out + self.gamma.sum()
+        elif self.again == "square":
+            out = out * (self.gamma * self.gamma).mean()
+        elif self.again == "returned":
+            return out, self.gamma
+        return out
 
 
 @step("norm_weight_elsewhere", 1)
@@ -1188,6 +1240,8 @@ RECIPES: list[tuple[tuple[Any, ...], ...]] = [
     (("conv", 0), ("norm", 0), ("output", 1)),
     (("conv", 0), ("norm", 0), ("integer", 0), ("output", 0)),
     (("conv", 0), ("scale_module", 0)),
+    (("conv", 0), ("norm", 0), ("scale_module", 0)),
+    (("linear", 0), ("reshape", 0, {"kind": "transpose"}), ("scale_module", 0)),
     (("conv", 0), ("norm", 0), ("norm_weight_elsewhere", 0)),
     (("conv", 0), ("constant", 0), ("constant", 0)),
     (("linear", 0), ("reshape", 0, {"kind": "transpose"}), ("norm", 0), ("reshape", 0, {"kind": "view_flat"})),

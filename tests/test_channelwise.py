@@ -165,3 +165,78 @@ def test_constant_that_belongs_to_a_module_bnfold_does_not_look_into_is_kept():
     kept = {k.norm: k.reason for k in result.report.plan.kept}
     assert "is also read by 'bn'" in kept["bn.weight"]
     assert torch.equal(result.model.bn.weight, model.bn.weight)
+
+
+class Scale(nn.Module):
+    """A user's layer scale: a module of its own, without children, whose forward applies its constant."""
+
+    def __init__(self, c, shape=lambda g: g.view(-1, 1, 1), again=None, buffer=False):
+        super().__init__()
+        value = torch.rand(c) + 0.5
+        if buffer:
+            self.register_buffer("gamma", value)
+        else:
+            self.gamma = nn.Parameter(value)
+        self.shape, self.again = shape, again
+
+    def forward(self, x):
+        out = x * self.shape(self.gamma)
+        if self.again == "returned":
+            return out, self.gamma
+        if self.again == "twice":
+            return out * self.shape(self.gamma)
+        if self.again == "sum":
+            return out + self.gamma.sum()
+        return out
+
+
+def conv_scale(**kwargs) -> Model:
+    return Model(lambda m, x: m.scale(m.conv(x)), conv=nn.Conv2d(3, 4, 3), scale=Scale(4, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"shape": lambda g: g[:, None, None]}, {"shape": lambda g: g.reshape(1, -1, 1, 1)}, {"buffer": True}],
+    ids=["view", "index-none", "reshape", "buffer"],
+)
+def test_constant_its_own_module_applies_folds(kwargs):
+    model = conv_scale(**kwargs).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
+    site = result.report.plan.sites[0]
+    assert (site.norm, site.kind, site.op, site.partners) == ("scale.gamma", "constant", "mul", ("conv",))
+    assert torch.equal(result.model.scale.gamma, torch.ones(4))
+    assert not torch.equal(model.scale.gamma, torch.ones(4))  # the original is untouched
+
+
+def test_norm_then_a_module_scale_fold_into_the_same_conv():
+    model = Model(
+        lambda m, x: m.scale(m.bn(m.conv(x))), conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4), scale=Scale(4)
+    ).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=2, kept=0)
+    assert [s.partners for s in result.report.plan.sites] == [("conv",), ("conv",)]
+
+
+@pytest.mark.parametrize("again", ["returned", "twice", "sum"])
+def test_constant_its_own_module_also_reads_elsewhere_is_kept(again):
+    model = conv_scale(again=again).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    kept = result.report.plan.kept[0]
+    assert kept.norm == "scale.gamma" and "also used elsewhere" in kept.reason
+    assert torch.equal(result.model.scale.gamma, model.scale.gamma)
+
+
+def test_constant_of_a_module_that_another_op_also_reads_is_kept():
+    model = Model(lambda m, x: (m.scale(m.conv(x)), m.scale.gamma * 2), conv=nn.Conv2d(3, 4, 3), scale=Scale(4)).eval()
+    result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
+    assert "also used elsewhere" in result.report.plan.kept[0].reason
+
+
+def test_a_torch_module_with_parameters_is_still_one_step():
+    """PReLU is recorded as one call, as before: only a class defined outside torch is looked into."""
+    from bnfold.graph import trace_execution
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), conv_scale().scale).eval()
+    graph = trace_execution(model, (torch.randn(1, 3, 4, 4),), {nn.Conv2d}, {nn.Conv2d})
+    modules = [c.target for c in graph.calls if c.kind == "module"]
+    assert modules == ["0", "1"]
+    assert any(c.kind == "function" and "mul" in c.target for c in graph.calls)

@@ -452,7 +452,12 @@ def test_custom_affine_module_taught_with_a_rule_as_in_the_guide():
             return x * self.scale + self.shift
 
     model = nn.Sequential(nn.Linear(4, 5), MyScale(5)).eval()
-    check_fold(model, torch.randn(3, 4), folded=0, kept=0)  # an unknown module is no norm: left alone
+    # an unknown module is no norm, but the constants its own forward applies fold as channel-wise constants
+    plain = check_fold(model, torch.randn(3, 4), folded=2, kept=0)
+    assert [(s.norm, s.kind, s.op) for s in plain.report.plan.sites] == [
+        ("1.scale", "constant", "mul"),
+        ("1.shift", "constant", "add"),
+    ]
     rule = bnfold.FoldRule(
         nn.Linear, MyScale, affine=lambda m: (m.scale.double(), m.shift.double()), check=lambda m: None
     )

@@ -50,8 +50,10 @@ TIMM = {
     "mixnet_s": (49, 0, 64),
     # the 12 layer scales (x.mul(gamma)) fold into each block's fc2; the 17 LayerNorms stay
     "convnext_atto": (12, 17, 64),
-    # the final norm reads a residual sum: it folds forward through the spatial mean into both timm Linear heads
-    "swiftformer_xs": (26, 0, 64),
+    # the final norm reads a residual sum: it folds forward through the spatial mean into both timm Linear heads;
+    # the 24 layer scales (SwiftFormer's own LayerScale2d module, x * self.gamma) fold into the conv or Linear
+    # before each
+    "swiftformer_xs": (50, 0, 64),
 }
 
 

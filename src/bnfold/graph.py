@@ -233,6 +233,20 @@ def _own_tensors(module: nn.Module) -> list[Tensor]:
     return found
 
 
+def _applies_own_state(module: nn.Module) -> bool:
+    """A module without children that is recorded as a whole would hide what its forward does with its own
+    parameters and buffers. A torch class, or a subclass of one (a Conv2d with its own _conv_forward),
+    computes like that class, whose entries and reasons name it; a module class of the user's own (a layer
+    scale: ``x * self.gamma.view(-1, 1, 1)``) is Python code like a container's forward, so its ops are
+    recorded one by one, and a constant it applies may then fold."""
+    for kind in type(module).__mro__:
+        if kind is nn.Module:
+            break
+        if kind.__module__.split(".", 1)[0] == "torch":
+            return False
+    return any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
+
+
 def _versions(tensors: list[Tensor]) -> list[int]:
     try:
         return [t._version for t in tensors]
@@ -469,7 +483,9 @@ class _ExecutionTracer(TorchFunctionMode):
 
     # -- module hooks -----------------------------------------------------------------------------
     def is_recorded(self, module: nn.Module) -> bool:
-        return has_type(module, self.recorded_types) or next(iter(module.children()), None) is None
+        if has_type(module, self.recorded_types):
+            return True
+        return next(iter(module.children()), None) is None and not _applies_own_state(module)
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.quiet += 1

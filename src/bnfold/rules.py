@@ -136,6 +136,20 @@ class RuleTable:
     def rule_for(self, layer: nn.Module, norm: nn.Module, direction: Direction) -> FoldRule | None:
         """How ``norm`` folds into ``layer`` in ``direction``: the pair's own rule, else what the norm's
         rule and the layer's rule say together; ``None`` when neither applies."""
+        if direction != "backward":  # forward: the norm's own rule may refuse this norm (norm_rule.forward)
+            return self._rule_for(layer, norm, direction)
+        # backward, the answer depends on the two classes alone: asked for every norm by the plan and again by
+        # surgery, it is built once per pair of classes
+        key = (layer_type(layer), layer_type(norm))
+        if key not in self._backward_rules:
+            self._backward_rules[key] = self._rule_for(layer, norm, direction)
+        return self._backward_rules[key]
+
+    @cached_property
+    def _backward_rules(self) -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule | None]:
+        return {}
+
+    def _rule_for(self, layer: nn.Module, norm: nn.Module, direction: Direction) -> FoldRule | None:
         pair = self.pair_rule(layer, norm, direction)
         if pair is not None:
             return pair
