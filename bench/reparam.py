@@ -5,7 +5,7 @@ bnfold with ``reparameterize=True``, timm's own per-class ``reparameterize_model
 and the peers; the convolutions and norms one forward pass runs, the output error, and CPU latency, measured
 interleaved in one process (median of the runs, and the spread).
 
-    python bench/reparam.py            # writes docs/reparam.json and the table in docs/benchmarks.md
+    python bench/reparam.py            # writes docs/reparam.json, and docs/benchmarks.md from every JSON there
     python bench/reparam.py --quick    # fewer models and runs
 """
 
@@ -29,9 +29,9 @@ import bnfold  # noqa: E402
 from bnfold.testing import randomize_norms  # noqa: E402
 
 from peers import norm_count, peers  # noqa: E402
+from report import reparam_table, write_report  # noqa: E402
 
 MODELS = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m1", "repghostnet_050"]
-START, END = "<!-- reparam:start -->", "<!-- reparam:end -->"
 
 
 def conv_count(model: nn.Module, x: torch.Tensor) -> int:
@@ -114,40 +114,6 @@ def bench(name: str, runs: int) -> dict[str, Any]:
     return results
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    tools = ["original", "bnfold (norms only)", "timm reparameterize_model", "bnfold reparameterize"]
-    others = sorted({t for r in results for t in r["tools"]} - set(tools))
-    header = ["model", *tools, *others]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for r in results:
-        cells = [r["model"]]
-        for tool in [*tools, *others]:
-            t = r["tools"].get(tool)
-            if t is None:
-                cells.append("-")
-            elif "error" in t:
-                cells.append("fails")
-            else:
-                wrong = " **wrong outputs**" if t["rel_error"] > 1e-3 else ""
-                cells.append(f"{t['convs']} / {t['norms']}, x{t.get('speedup', 0):.2f}{wrong}")
-        lines.append("| " + " | ".join(cells) + " |")
-    ratio = [
-        r["tools"]["bnfold reparameterize"]["latency_ms"] / r["tools"]["timm reparameterize_model"]["latency_ms"]
-        for r in results
-        if "latency_ms" in r["tools"].get("bnfold reparameterize", {})
-        and "latency_ms" in r["tools"].get("timm reparameterize_model", {})
-    ]
-    note = (
-        "\nEach cell: convolutions / norms one forward pass runs, and the CPU speed-up over the original "
-        "(batch 8, 224x224, median of interleaved runs). bnfold's latency relative to timm's own "
-        f"re-parameterization: {', '.join(f'{v:.2f}' for v in ratio)} (1.00 = the same).\n"
-    )
-    return "\n".join(lines) + "\n" + note
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -159,15 +125,10 @@ def main() -> None:
     runs = args.runs or (5 if args.quick else 15)
     results = [bench(name, runs) for name in names]
     (args.out / "reparam.json").write_text(json.dumps(results, indent=1) + "\n")
-    doc = args.out / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else ""
-    block = f"{START}\n## Re-parameterization: parallel branches into one convolution\n\n{table(results)}{END}"
-    if START in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
-    print(table(results))
+    main_results = args.out / "benchmarks.json"
+    if main_results.exists():  # the page is made from every script's JSON
+        write_report(json.loads(main_results.read_text()), args.out)
+    print(reparam_table(results))
 
 
 if __name__ == "__main__":

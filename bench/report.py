@@ -244,7 +244,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         f"Measured on {m['date']} ({results['mode']} run, {results['seconds']:.0f} s): {m['cpu']}, {m['cores']} cores "
         f"({m['torch_threads']} torch threads), Python {m['python']}, torch {m['torch']}. "
-        + ("GPU: " + m["cuda"] if m["cuda"] else "No GPU: CPU figures only."),
+        + ("GPU: " + m["cuda"] if m["cuda"] else "No GPU: CPU figures only.")
+        + (f" {m['note']}" if m.get("note") else ""),
         "",
         "Regenerate with `python bench/run.py` (full) or `python bench/run.py --quick`. Raw numbers: "
         "[benchmarks.json](benchmarks.json). Every model has random weights and randomized BatchNorm statistics "
@@ -338,11 +339,49 @@ def _within_bound(rows: list[dict[str, Any]], bound: float = 1.25) -> str:
     return f"{text}; over it: {names}."
 
 
+def reparam_table(results: list[dict[str, Any]]) -> str:
+    """The re-parameterization table (bench/reparam.py): per model, what each tool leaves running and how fast."""
+    tools = ["original", "bnfold (norms only)", "timm reparameterize_model", "bnfold reparameterize"]
+    others = sorted({t for r in results for t in r["tools"]} - set(tools))
+    header = ["model", *tools, *others]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in results:
+        cells = [r["model"]]
+        for tool in [*tools, *others]:
+            t = r["tools"].get(tool)
+            if t is None:
+                cells.append("-")
+            elif "error" in t:
+                cells.append("fails")
+            else:
+                wrong = " **wrong outputs**" if t["rel_error"] > 1e-3 else ""
+                cells.append(f"{t['convs']} / {t['norms']}, x{t.get('speedup', 0):.2f}{wrong}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ratio = [
+        r["tools"]["bnfold reparameterize"]["latency_ms"] / r["tools"]["timm reparameterize_model"]["latency_ms"]
+        for r in results
+        if "latency_ms" in r["tools"].get("bnfold reparameterize", {})
+        and "latency_ms" in r["tools"].get("timm reparameterize_model", {})
+    ]
+    note = (
+        "\nEach cell: convolutions / norms one forward pass runs, and the CPU speed-up over the original "
+        "(batch 8, 224x224, median of interleaved runs). bnfold's latency relative to timm's own "
+        f"re-parameterization: {', '.join(f'{v:.2f}' for v in ratio)} (1.00 = the same).\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
 def _check_sections(out: Path) -> list[str]:
     """The sections measured by their own scripts, from the JSON files they write next to benchmarks.json:
-    the cost of a verified fold (bench/cost.py), the float64 check (bench/float64_factor.py) and the
-    differential fuzzer (bench/fuzz.py)."""
+    re-parameterization (bench/reparam.py), the cost of a verified fold (bench/cost.py), the float64 check
+    (bench/float64_factor.py) and the differential fuzzer (bench/fuzz.py)."""
     parts: list[str] = []
+    reparam = _load(out / "reparam.json")
+    if reparam:
+        parts += ["## Re-parameterization: parallel branches into one convolution", "", reparam_table(reparam)]
     cost = _load(out / "cost.json")
     if cost:
         rows = [

@@ -56,9 +56,18 @@ def test_the_checks_own_measurements_get_their_sections(tmp_path):
     fuzz = {"programs": 10, "counts": {"folded": 9, "refused": 1}, "refusals": {"VerificationError": 1}}
     fuzz |= {"sites_folded": 12, "seconds": 60.0, "bad": []}
     (tmp_path / "fuzz.json").write_text(json.dumps(fuzz))
+    merged = {"convs": 17, "norms": 0, "rel_error": 1e-7, "latency_ms": 50.0, "speedup": 1.8}
+    timm_own = {"convs": 17, "norms": 0, "rel_error": 1e-7, "latency_ms": 49.0, "speedup": 1.84}
+    original = {"convs": 39, "norms": 61, "rel_error": 0.0, "latency_ms": 90.0, "speedup": 1.0}
+    reparam = {"model": "repvgg_a0", "tools": {"original": original, "bnfold reparameterize": merged}}
+    reparam["tools"]["timm reparameterize_model"] = timm_own
+    (tmp_path / "reparam.json").write_text(json.dumps([reparam]))
     write_report(results, tmp_path)
     text = (tmp_path / "benchmarks.md").read_text()
     assert "| tv/resnet18 | 40.0 | 3.30 | 1.20 | 0.50 | 1.19 |" in text
     assert "| sin(1e6 x) | exact | 8 | 0.9 | 1.4 |" in text
     assert "| 10 | 9 | 1 | 0 | 0 | 0 | 0 |" in text
     assert "Refusals by error: 1 VerificationError." in text
+    assert "## Re-parameterization: parallel branches into one convolution" in text
+    assert "| repvgg_a0 | 39 / 61, x1.00 | - | 17 / 0, x1.84 | 17 / 0, x1.80 |" in text
+    assert "re-parameterization: 1.02 (1.00 = the same)" in text
