@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.graph import DataFlowGraph, trace_execution
+from bnfold.graph import DataFlowGraph
+from bnfold.tracing import trace_execution
 from bnfold.verify import (
     FLOAT64_FACTOR,
     MAGNITUDE_CAP,
@@ -148,7 +149,7 @@ def test_a_plan_that_misreads_the_data_flow_is_refused_although_every_folded_lay
     x = torch.randn(64, 4)
     # make the tracer blind to the write again (as it was before issue 10), so the plan folds bn into fc1
     monkeypatch.setattr(DataFlowGraph, "changed_later", lambda self, key, reader: False)
-    monkeypatch.setattr(bnfold.graph._ExecutionTracer, "attach_writes", lambda self, call, writes: None)
+    monkeypatch.setattr(bnfold.tracing._ExecutionTracer, "attach_writes", lambda self, call, writes: None)
     assert [s.direction for s in bnfold.plan(model, x).sites] == ["forward"]
     with pytest.raises(bnfold.VerificationError, match="how they are connected") as caught:
         bnfold.fold(model, x)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import compat
 from .errors import FoldError
-from .graph import DataFlowGraph, trace_execution, trace_symbolic
+from .graph import DataFlowGraph
 from .isolate import failure_reason, first_breaking_fold, refusal_name
 from .layercheck import Probes, Recording, compare, probes_for, record
 from .lineage import Lineage, LineageMode
@@ -25,6 +25,7 @@ from .report import FoldReport, largest_weight, model_size
 from .rules import AnyRule, RuleTable, build_rules
 from .running import inference
 from .surgery import Undo, apply_plan, clone_model, undo_all
+from .tracing import trace_execution, trace_symbolic
 from .verify import (
     Observed,
     OutputDiff,
