@@ -30,7 +30,7 @@ _EXPORTS = {
     "FoldRule": "rules",
     "NormRule": "norms",
     "LayerRule": "layers",
-    "MergedConv": "reparam",
+    "MergedConv": "merged",
     "compare_latency": "latency",
     "Latency": "latency",
     "save_folded": "checkpoint",
@@ -74,9 +74,9 @@ if TYPE_CHECKING:
     from .errors import BnfoldError, CheckpointError, FoldError, TraceError, VerificationError
     from .latency import Latency, compare_latency
     from .layers import LayerRule
+    from .merged import MergedConv
     from .norms import NormRule
     from .plan import FoldPlan, FoldSite, KeptNorm
-    from .reparam import MergedConv
     from .report import FoldReport
     from .rules import FoldRule
 

@@ -1,4 +1,4 @@
-"""Parallel branches as one convolution: find them in the data-flow graph, and say how to rebuild them.
+"""Parallel branches as one convolution: find them in the data-flow graph.
 
 A sum of branches that all read the same tensor ``x`` (``a + b``, ``a + b + c``, ``+=``, ``a - b``, with
 scalar or per-channel coefficients), each a linear chain from ``x`` (a convolution and the norms and affine
@@ -8,29 +8,38 @@ branches that are not linear (an activation on a branch) is found too, each such
 modules that computes it from ``x``: the linear branches may merge while those keep running
 (:mod:`bnfold.reparam` decides).
 
-The result of the analysis is a :data:`Recipe`: a small tree that names the modules and constants of the
-branches. It is data (the plan carries it); :func:`evaluate` turns it into a :class:`~bnfold.kernels.ConvForm`
-on whichever copy of the model surgery works on, reading the weights there.
+The result of the analysis is a :data:`~bnfold.recipes.Recipe`: a small tree that names the modules and
+constants of the branches (:mod:`bnfold.recipes`, which also turns it into one convolution).
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .checks import Kept, PlanContext, layer_reason
 from .classes import layer_type, type_chain
-from .constants import CONSTANT_OPS, constant_named, find_constant, readers_inside
+from .constants import CONSTANT_OPS, find_constant, readers_inside
 from .graph import Call, Span, TensorRef, ValueKey
-from .kernels import ConvForm, NotExact, add_forms, affine_after, compose, identity_form, pool_form
+from .kernels import NotExact
 from .layers import CONVS
-from .norms import tensor_attr
-from .ops import AVG_POOLS
+from .recipes import (
+    Coefficient,
+    Layer,
+    Recipe,
+    Source,
+    Sum,
+    Unknown,
+    conv_names,
+    exact_pool,
+    has_conv,
+    is_sum,
+    reads,
+    rebase,
+)
 from .rules import RuleTable
-from .weights import effective_weight
 
 __all__ = [
     "Source",
@@ -42,14 +51,9 @@ __all__ = [
     "Term",
     "Branches",
     "find_branches",
-    "evaluate",
-    "describe",
     "region_reason",
     "layer_names",
     "channels_and_dims",
-    "is_sum",
-    "has_conv",
-    "sequence_cost",
 ]
 
 _ADD = {
@@ -61,49 +65,6 @@ _ADD = {
     "_VariableFunctionsClass.add",
 }
 _SUB = {"Tensor.sub", "Tensor.sub_", "Tensor.__sub__", "Tensor.__isub__", "_VariableFunctionsClass.sub"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """The tensor every branch reads, unchanged: ``x``."""
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A module applied to what ``inner`` computes: a convolution, a norm or an average pool, or (kind
-    ``module``) any module, run as it is: a step of a branch that is not linear."""
-
-    kind: str  # "conv" | "norm" | "pool" | "module"
-    name: str
-    inner: Recipe
-
-
-@dataclass(frozen=True)
-class Coefficient:
-    """``inner <op> c`` with ``c`` a number (``value``) or a parameter or buffer of the model (``name``)."""
-
-    op: str  # "mul" | "div" | "add" | "sub"
-    inner: Recipe
-    name: str | None = None
-    value: float | None = None
-    shape: tuple[int, ...] | None = None  # of the constant where the op reads it (it may reach it reshaped)
-
-
-@dataclass(frozen=True)
-class Sum:
-    """``sum(sign * term)``."""
-
-    terms: tuple[tuple[float, Recipe], ...]
-
-
-@dataclass(frozen=True)
-class Unknown:
-    """A branch that no chain of modules computes from ``x`` (code in a ``forward``), and why."""
-
-    reason: str
-
-
-Recipe = Source | Layer | Coefficient | Sum | Unknown
 
 
 @dataclass(frozen=True)
@@ -134,105 +95,6 @@ class Branches:
     opaque: frozenset[int] = frozenset()  # calls inside the modules a branch that does not merge runs as they are
 
 
-# -- evaluating a recipe on a model ------------------------------------------------------------------------
-
-
-def _geometry(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(stride, padding, dilation)`` of a torch convolution, with 'same' padding resolved."""
-    if not isinstance(conv, nn.modules.conv._ConvNd):
-        raise NotExact(f"{type(conv).__name__} is not a torch convolution")
-    pairs = [int(p) for p in conv._reversed_padding_repeated_twice]
-    left, right = pairs[0::2][::-1], pairs[1::2][::-1]
-    if left != right:
-        raise NotExact("a convolution pads its two sides differently")
-    return tuple(int(s) for s in conv.stride), tuple(left), tuple(int(d) for d in conv.dilation)
-
-
-def _conv_form(conv: nn.Module) -> ConvForm:
-    weight = effective_weight(conv).detach().to(torch.float64)
-    bias = tensor_attr(conv, "bias")
-    stride, padding, dilation = _geometry(conv)
-    return ConvForm(
-        weight,
-        torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        if bias is None
-        else bias.detach().to(torch.float64),
-        stride,
-        padding,
-        dilation,
-        int(getattr(conv, "groups", 1)),
-        str(getattr(conv, "padding_mode", "zeros")),
-    )
-
-
-def evaluate(recipe: Recipe, model: nn.Module, rules: RuleTable, channels: int, dims: int) -> ConvForm:
-    """The convolution ``recipe`` computes on ``model``'s weights (float64); ``channels``, ``dims``: of ``x``."""
-    if isinstance(recipe, Source):
-        return identity_form(channels, dims)
-    if isinstance(recipe, Unknown):
-        raise NotExact(recipe.reason)
-    if isinstance(recipe, Layer) and recipe.kind == "module":
-        raise NotExact(_not_linear(recipe.name, model.get_submodule(recipe.name)))
-    if isinstance(recipe, Sum):
-        (sign, first), *rest = recipe.terms
-        form = evaluate(first, model, rules, channels, dims)
-        if sign != 1.0:
-            form = affine_after(form, torch.tensor(sign, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
-        for sign, term in rest:
-            form = add_forms(form, evaluate(term, model, rules, channels, dims), sign)
-        return form
-    inner = evaluate(recipe.inner, model, rules, channels, dims)
-    if isinstance(recipe, Coefficient):
-        if recipe.name is not None:
-            value = constant_named(model, recipe.name).detach().to(torch.float64).flatten()
-        else:
-            value = torch.tensor(float(recipe.value or 0.0), dtype=torch.float64)
-        zero, one = torch.zeros_like(value), torch.ones_like(value)
-        scale, shift = {"mul": (value, zero), "div": (1.0 / value, zero), "add": (one, value), "sub": (one, -value)}[
-            recipe.op
-        ]
-        return affine_after(inner, scale, shift)
-    module = model.get_submodule(recipe.name)
-    if recipe.kind == "conv":
-        conv = _conv_form(module)
-        return conv if isinstance(recipe.inner, Source) else compose(inner, conv)
-    if recipe.kind == "norm":
-        norm_rule = rules.norm_rule(module)
-        if norm_rule is None:
-            raise NotExact(f"no rule for the norm '{recipe.name}'")
-        scale, shift = norm_rule.affine(module)
-        return affine_after(inner, scale, shift)
-    if not isinstance(module, tuple(AVG_POOLS)):
-        raise NotExact(f"'{recipe.name}' is not an average pool")
-    size = _tuple(module.kernel_size, dims)
-    stride = _tuple(module.stride or module.kernel_size, dims)
-    padding = _tuple(module.padding, dims)
-    return compose(inner, pool_form(inner.out_channels, size, stride, padding))
-
-
-def _tuple(value: object, dims: int) -> tuple[int, ...]:
-    """A pooling size argument (an int, or one per axis) as one int per axis."""
-    if isinstance(value, (tuple, list)):
-        return tuple(int(v) for v in value)
-    if isinstance(value, int):
-        return (value,) * dims
-    raise NotExact(f"a pooling size {value!r} that is neither an int nor a tuple")
-
-
-def describe(form: ConvForm) -> str:
-    """What a merge became, in words: ``Conv2d(32 -> 64, 3x3, stride 2, groups 2)``."""
-    parts = ["x".join(str(k) for k in form.size)]
-    if any(s != 1 for s in form.stride):
-        parts.append(f"stride {'x'.join(str(s) for s in form.stride)}")
-    if any(d != 1 for d in form.dilation):
-        parts.append(f"dilation {'x'.join(str(d) for d in form.dilation)}")
-    if form.groups != 1:
-        parts.append(f"groups {form.groups}")
-    if form.padding_mode != "zeros":
-        parts.append(f"{form.padding_mode} padding")
-    return f"Conv{form.dims}d({form.in_channels} -> {form.out_channels}, {', '.join(parts)})"
-
-
 # -- finding branches in the graph -------------------------------------------------------------------------
 
 
@@ -251,15 +113,6 @@ class _Found:
     under: _Found | None = None  # a layer or coefficient: what it applies to
     made_by: int | None = None  # the call that computes it
     opaque: frozenset[int] = frozenset()  # calls inside modules a kept branch runs as they are
-
-
-def _not_linear(name: str, module: nn.Module) -> str:
-    """Why a module on a branch is not a step of one convolution, in words."""
-    if isinstance(module, tuple(AVG_POOLS)):
-        return (
-            f"'{name}' ({type(module).__name__}) is an average pool that is not a convolution (it {_pool_flaw(module)})"
-        )
-    return f"'{name}' ({layer_type(module).__name__}) is not linear"
 
 
 def _number(value: object) -> float | None:
@@ -286,24 +139,6 @@ def _on_channels(norm: nn.Module, call: Call, rules: RuleTable) -> bool:
     if norm_rule is None or shape is None or len(shape) < 3 or norm_rule.channel_axis(norm, len(shape)) != 1:
         return False
     return int(norm_rule.affine(norm)[0].numel()) == int(shape[1])
-
-
-def _pool_flaw(module: nn.Module) -> str | None:
-    """Why an average pool is not a convolution with weights ``1 / k^d``, or ``None`` when it is one."""
-    if getattr(module, "ceil_mode", False):
-        return "rounds its output size up (ceil_mode=True)"
-    if getattr(module, "divisor_override", None) is not None:
-        return "divides by divisor_override"
-    padding = getattr(module, "padding", 0)
-    padded = any(int(p) != 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
-    if padded and not bool(getattr(module, "count_include_pad", True)):
-        return "does not count its padding (count_include_pad=False)"
-    return None
-
-
-def _exact_pool(module: nn.Module) -> bool:
-    """An average pool that is a convolution with weights ``1 / k^d``."""
-    return isinstance(module, tuple(AVG_POOLS)) and _pool_flaw(module) is None
 
 
 # How many values the analysis looks back over to tell whether a value added to branches is computed from
@@ -361,7 +196,7 @@ class _Analysis:
                 else "norm"
                 if _is_linear_norm(module, self.ctx.rules) and _on_channels(module, call, self.ctx.rules)
                 else "pool"
-                if _exact_pool(module)
+                if exact_pool(module)
                 else None
             )
             if kind is None:
@@ -464,7 +299,7 @@ class _Analysis:
                 made_by=found.made_by,
                 opaque=frozenset().union(*(part.opaque for _, part in terms)),
             )
-            if _reads(split.recipe):
+            if reads(split.recipe):
                 return split
             fallback = fallback or split  # reported with the reason, unless another tensor reads them all
         return fallback
@@ -506,7 +341,7 @@ class _Analysis:
             base = Layer("module", name, base)
         calls = {i for span in chain for i in range(span.start, span.end)}
         return _Found(
-            _rebase(part.recipe, base),
+            rebase(part.recipe, base),
             {x},
             part.calls | calls,
             [*names, *part.modules],
@@ -576,76 +411,6 @@ def _parts(found: _Found, sign: float) -> tuple[tuple[float, _Found], ...]:
     return ((sign, found),)
 
 
-def _rebase(recipe: Recipe, base: Recipe) -> Recipe:
-    """``recipe`` reading ``base`` where it read its input."""
-    if isinstance(recipe, Source):
-        return base
-    if isinstance(recipe, (Layer, Coefficient)):
-        return replace(recipe, inner=_rebase(recipe.inner, base))
-    if isinstance(recipe, Sum):
-        return Sum(tuple((s, _rebase(r, base)) for s, r in recipe.terms))
-    return recipe
-
-
-def _reads(recipe: Recipe) -> bool:
-    """Whether a recipe is known all the way down to the branches' input (it holds no :class:`Unknown`)."""
-    if isinstance(recipe, Unknown):
-        return False
-    if isinstance(recipe, (Layer, Coefficient)):
-        return _reads(recipe.inner)
-    if isinstance(recipe, Sum):
-        return all(_reads(r) for _, r in recipe.terms)
-    return True
-
-
-def has_conv(recipe: Recipe) -> bool:
-    """Whether a recipe runs a convolution it would merge."""
-    if isinstance(recipe, Layer):
-        return recipe.kind == "conv" or has_conv(recipe.inner)
-    if isinstance(recipe, Coefficient):
-        return has_conv(recipe.inner)
-    if isinstance(recipe, Sum):
-        return any(has_conv(r) for _, r in recipe.terms)
-    return False
-
-
-def _has_sum(recipe: Recipe) -> bool:
-    if isinstance(recipe, Sum):
-        return len(recipe.terms) > 1
-    if isinstance(recipe, (Layer, Coefficient)):
-        return _has_sum(recipe.inner)
-    return False
-
-
-def is_sum(recipe: Recipe) -> bool:
-    """Whether a recipe adds branches (else it is a sequence of convolutions with affine maps between)."""
-    return _has_sum(recipe)
-
-
-def _convs(recipe: Recipe) -> list[str]:
-    """The convolutions of a recipe without sums, innermost first."""
-    if isinstance(recipe, Layer):
-        return [*_convs(recipe.inner), recipe.name] if recipe.kind == "conv" else _convs(recipe.inner)
-    if isinstance(recipe, Coefficient):
-        return _convs(recipe.inner)
-    return []
-
-
-def sequence_cost(recipe: Recipe, model: nn.Module) -> float:
-    """Multiply-adds per final output position of a sequence of convolutions as it stands (a convolution
-    before a strided one runs at more positions)."""
-    cost, positions = 0.0, 1.0
-    for name in reversed(_convs(recipe)):
-        conv = model.get_submodule(name)
-        if not isinstance(conv, nn.modules.conv._ConvNd):
-            continue
-        weight = conv.weight
-        cost += positions * weight.numel()  # out * in / groups * prod(kernel), per output position
-        for s in conv.stride:
-            positions *= int(s)
-    return cost
-
-
 def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
     """Every sum of parallel branches of one tensor (with the branches that are not linear, each through the
     modules that compute it from that tensor), and every sequence of two or more convolutions with only
@@ -660,14 +425,14 @@ def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
         result = analysis.step(call)
         if result is None or not has_conv(result.recipe):
             continue
-        if not _has_sum(result.recipe) and len(_convs(result.recipe)) < 2:
+        if not is_sum(result.recipe) and len(conv_names(result.recipe)) < 2:
             continue
         if len(result.sources) != 1:
             split = analysis.split(result)
             if split is None:
                 continue  # a residual sum of values from different places: not parallel branches
             result = split
-        if _reads(result.recipe):  # (else it stays whole, and sums inside it may still merge on their own)
+        if reads(result.recipe):  # (else it stays whole, and sums inside it may still merge on their own)
             covered |= result.calls - result.opaque  # a kept branch's modules may hold branches of their own
         found.append(_branches(result, call.outputs[0], analysis))
     return found

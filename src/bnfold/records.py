@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 
 from .classes import layer_type
 from .errors import CheckpointError
+from .merged import MergedConv
 from .norms import Contiguous, FoldedNormAct, norm_act_replacement
-from .reparam import MergedConv
 from .surgery import ChannelAffine, ChannelScale
 
 __all__ = [

@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from .arithmetic import Layout, fold_bias, input_shift_response, scale_input_channels, scale_output_channels
-from .branches import evaluate
 from .constants import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
 from .layers import CONVS, out_channels
+from .merged import MergedConv, build_conv
 from .norms import laid_out, require_tensor, tensor_attr
 from .plan import FoldKind, FoldPlan, FoldSite
-from .reparam import MergedConv, build_conv, kept_program
+from .recipes import evaluate
+from .reparam import kept_program
 from .rules import FoldRule, RuleTable
 from .weights import effective_weight, weight_hook
 
