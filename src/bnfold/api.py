@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import compat
 from .errors import FoldError
 from .graph import DataFlowGraph
-from .isolate import failure_reason, first_breaking_fold, refusal_name
+from .isolate import Run, failure_reason, first_breaking_fold, refusal_name
 from .layercheck import Probes, Recording, compare, probes_for, record
 from .lineage import Lineage, LineageMode
 from .nested import detached_copy, iter_tensors
@@ -247,9 +247,6 @@ def _layer_diffs(
         return None
 
 
-Run = Callable[[nn.Module], Any]
-
-
 @dataclass(frozen=True)
 class _LayerRun:
     """What ``verify="layers"`` recorded: the probes of one plan, on the original and on the folded model."""
@@ -309,7 +306,7 @@ def _apply_and_run(
             except Exception as error:
                 undo_all(undo)
                 try:
-                    site, failure = first_breaking_fold(model, found, rules, run)
+                    site, failure = first_breaking_fold(model, found, rules, run, error)
                 except FoldError:
                     raise _failed_run(model, error) from error
                 applied = True

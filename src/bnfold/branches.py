@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .checks import Kept, PlanContext, layer_reason
-from .classes import layer_type, type_chain
+from .classes import type_chain
 from .constants import CONSTANT_OPS, find_constant, readers_inside
 from .graph import Call, Span, TensorRef, ValueKey
 from .kernels import NotExact
@@ -36,25 +36,12 @@ from .recipes import (
     exact_pool,
     has_conv,
     is_sum,
-    reads,
     rebase,
+    unknown_reason,
 )
 from .rules import RuleTable
 
-__all__ = [
-    "Source",
-    "Layer",
-    "Coefficient",
-    "Sum",
-    "Unknown",
-    "Recipe",
-    "Term",
-    "Branches",
-    "find_branches",
-    "region_reason",
-    "layer_names",
-    "channels_and_dims",
-]
+__all__ = ["Term", "Branches", "find_branches", "region_reason", "channels_and_dims"]
 
 _ADD = {
     "Tensor.add",
@@ -299,7 +286,7 @@ class _Analysis:
                 made_by=found.made_by,
                 opaque=frozenset().union(*(part.opaque for _, part in terms)),
             )
-            if reads(split.recipe):
+            if unknown_reason(split.recipe) is None:
                 return split
             fallback = fallback or split  # reported with the reason, unless another tensor reads them all
         return fallback
@@ -432,7 +419,9 @@ def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
             if split is None:
                 continue  # a residual sum of values from different places: not parallel branches
             result = split
-        if reads(result.recipe):  # (else it stays whole, and sums inside it may still merge on their own)
+        if (
+            unknown_reason(result.recipe) is None
+        ):  # (else it stays whole, and sums inside it may still merge on their own)
             covered |= result.calls - result.opaque  # a kept branch's modules may hold branches of their own
         found.append(_branches(result, call.outputs[0], analysis))
     return found
@@ -478,11 +467,6 @@ def region_reason(branches: Branches | Term, ctx: PlanContext) -> str | None:
         elif id(module) in ctx.graph.foreign_uses:
             return f"the parameters of '{name}' are also used outside it (by {ctx.graph.foreign_uses[id(module)]})"
     return None
-
-
-def layer_names(branches: Branches, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The names and types of the modules a merge spans."""
-    return branches.modules, tuple(layer_type(model.get_submodule(n)).__name__ for n in branches.modules)
 
 
 def channels_and_dims(branches: Branches, ctx: PlanContext) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
@@ -19,9 +20,9 @@ from .plan import FoldPlan, FoldSite
 from .rules import RuleTable
 from .surgery import apply_plan, clone_model
 
-__all__ = ["refusal_name", "failure_reason", "first_breaking_fold"]
+__all__ = ["Run", "refusal_name", "failure_reason", "first_breaking_fold"]
 
-Run = Callable[[nn.Module], object]
+Run = Callable[[nn.Module], Any]  # runs a folded model once, returns what the check needs
 
 
 def refusal_name(site: FoldSite) -> str:
@@ -41,11 +42,16 @@ def failure_reason(site: FoldSite, error: BaseException, applied: bool = True) -
     return f"{what} {outcome} ({type(error).__name__}: {text})"
 
 
-def first_breaking_fold(model: nn.Module, plan: FoldPlan, rules: RuleTable, run: Run) -> tuple[FoldSite, BaseException]:
+def first_breaking_fold(
+    model: nn.Module, plan: FoldPlan, rules: RuleTable, run: Run, whole: BaseException
+) -> tuple[FoldSite, BaseException]:
     """The first fold of ``plan`` (in the order they apply) after which a copy of ``model`` fails ``run``,
-    with the error, given that ``model`` itself runs and the whole plan does not. ``model`` is not changed."""
+    with the error, given that ``model`` itself runs and the whole plan fails with ``whole``. ``model`` is
+    not changed."""
+    if not plan.sites:
+        raise FoldError("the model failed to run with nothing folded")
     lo, hi = 0, len(plan.sites)  # the first ``lo`` folds run; the first ``hi`` do not
-    error: BaseException | None = None
+    error = whole
     while hi - lo > 1:
         mid = (lo + hi) // 2
         failure = _failure(model, replace(plan, sites=plan.sites[:mid]), rules, run)
@@ -53,10 +59,6 @@ def first_breaking_fold(model: nn.Module, plan: FoldPlan, rules: RuleTable, run:
             lo = mid
         else:
             hi, error = mid, failure
-    if error is None:  # the whole plan's failure, or the only fold's
-        error = _failure(model, replace(plan, sites=plan.sites[:hi]), rules, run)
-    if error is None:
-        raise FoldError("the folded model failed to run, but no fold on its own makes it fail")
     return plan.sites[hi - 1], error
 
 

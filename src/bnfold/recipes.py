@@ -32,7 +32,7 @@ __all__ = [
     "evaluate",
     "describe",
     "rebase",
-    "reads",
+    "unknown_reason",
     "has_conv",
     "is_sum",
     "conv_names",
@@ -222,15 +222,15 @@ def rebase(recipe: Recipe, base: Recipe) -> Recipe:
     return recipe
 
 
-def reads(recipe: Recipe) -> bool:
-    """Whether a recipe is known all the way down to the branches' input (it holds no :class:`Unknown`)."""
+def unknown_reason(recipe: Recipe) -> str | None:
+    """The reason of the first :class:`Unknown` in a recipe (a branch code computes), if it holds one."""
     if isinstance(recipe, Unknown):
-        return False
+        return recipe.reason
     if isinstance(recipe, (Layer, Coefficient)):
-        return reads(recipe.inner)
+        return unknown_reason(recipe.inner)
     if isinstance(recipe, Sum):
-        return all(reads(r) for _, r in recipe.terms)
-    return True
+        return next((r for r in (unknown_reason(t) for _, t in recipe.terms) if r is not None), None)
+    return None
 
 
 def has_conv(recipe: Recipe) -> bool:
@@ -244,17 +244,13 @@ def has_conv(recipe: Recipe) -> bool:
     return False
 
 
-def _has_sum(recipe: Recipe) -> bool:
+def is_sum(recipe: Recipe) -> bool:
+    """Whether a recipe adds branches (else it is a sequence of convolutions with affine maps between)."""
     if isinstance(recipe, Sum):
         return len(recipe.terms) > 1
     if isinstance(recipe, (Layer, Coefficient)):
-        return _has_sum(recipe.inner)
+        return is_sum(recipe.inner)
     return False
-
-
-def is_sum(recipe: Recipe) -> bool:
-    """Whether a recipe adds branches (else it is a sequence of convolutions with affine maps between)."""
-    return _has_sum(recipe)
 
 
 def conv_names(recipe: Recipe) -> list[str]:

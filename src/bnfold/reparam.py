@@ -35,12 +35,12 @@ from .recipes import (
     Recipe,
     Source,
     Sum,
-    Unknown,
     describe,
     evaluate,
     has_conv,
     is_sum,
     sequence_cost,
+    unknown_reason,
 )
 
 __all__ = ["merge_rows", "merge_hints", "kept_program"]
@@ -214,7 +214,7 @@ def _partial(branches: Branches, ctx: PlanContext) -> _Merge:
     merged = [terms[i] for i in group]
     kept = tuple(KeptBranch(t.sign, t.recipe, t.modules, reasons[i]) for i, t in enumerate(terms) if i not in group)
     for branch in kept:
-        unknown = _unknown(branch.recipe)
+        unknown = unknown_reason(branch.recipe)
         if unknown is not None:
             raise Kept(unknown)
     block = _enclosing(branches, ctx)
@@ -265,17 +265,6 @@ def _saves(terms: list[Term]) -> bool:
     """Whether merging ``terms`` runs fewer modules: a convolution among them, and at least two of them run
     a module (a convolution, a norm or a pool; merging ``x`` alone into a convolution saves none)."""
     return sum(1 for t in terms if t.modules) >= 2 and any(has_conv(t.recipe) for t in terms)
-
-
-def _unknown(recipe: Recipe) -> str | None:
-    """The reason of the first :class:`~bnfold.branches.Unknown` in a recipe, if it holds one."""
-    if isinstance(recipe, Unknown):
-        return recipe.reason
-    if isinstance(recipe, (Layer, Coefficient)):
-        return _unknown(recipe.inner)
-    if isinstance(recipe, Sum):
-        return next((r for r in (_unknown(t) for _, t in recipe.terms) if r is not None), None)
-    return None
 
 
 def _steps(recipe: Recipe, block: str) -> tuple[Step, ...]:
@@ -356,10 +345,10 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
     rows: list[PlanRow] = []
     everything = [found for found in reversed(find_branches(ctx)) if not isinstance(found, Kept)]  # in run order
     # sums kept whole because no module computes one of their branches; the sums inside them may merge alone
-    whole = [found.calls - found.opaque for found in everything if _unknown(found.recipe) is not None]
+    whole = [found.calls - found.opaque for found in everything if unknown_reason(found.recipe) is not None]
     for found in everything:
         own = found.calls - found.opaque
-        if _unknown(found.recipe) is not None and own & ctx.claimed_calls:
+        if unknown_reason(found.recipe) is not None and own & ctx.claimed_calls:
             continue  # a sum inside it merged on its own
         try:
             merge = _analyse(found, ctx)
