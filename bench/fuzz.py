@@ -11,7 +11,9 @@ constant and look-through op bnfold knows (and some it must refuse), in-place op
 (``.detach()``, ``.data``, views, ``as_strided``, ``set_``, Tensor subclasses, ``out=``), shared modules, tied
 weights, weights and constants read elsewhere, cat/chunk/split, reshapes that keep or interleave channels,
 pooling, several and integer outputs, ``nn.ReLU(inplace=True)``; some programs are folded with
-``inplace=True``, a few are in training mode. A new op is one new entry in ``STEPS``.
+``inplace=True``, some with ``reparameterize=True``, some without example inputs (``torch.fx`` traces them
+and nothing checks the folded model's outputs, so the plan alone must be right; a program torch.fx cannot
+trace is refused), and a few are in training mode. A new op is one new entry in ``STEPS``.
 
 Each program is folded with the public API only (``bnfold.fold_with_report``) and classified:
 
@@ -75,6 +77,7 @@ class Options:
     train: bool = False  # the model is in training mode (nothing may fold; nothing may change)
     leaves: bool = False  # every value no step reads is an output too (else the last and the marked ones)
     reparameterize: bool = False  # bnfold.fold(..., reparameterize=True): parallel branches merged too
+    symbolic: bool = False  # folded without example inputs (torch.fx): no run, so no output check either
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,9 @@ def random_case(seed: int) -> Case:
         )
         for _ in range(r.randint(2, 16))
     )
-    options = Options(
-        shape,
-        inplace=r.random() < 0.15,
-        train=r.random() < 0.03,
-        leaves=r.random() < 0.5,
-        reparameterize=r.random() < 0.25,
-    )
+    inplace, train, leaves, reparameterize = (r.random() < p for p in (0.15, 0.03, 0.5, 0.25))
+    symbolic = r.random() < 0.2  # merging branches needs example inputs: a symbolic program only folds
+    options = Options(shape, inplace, train, leaves, reparameterize and not symbolic, symbolic)
     return Case(seed, genes, options)
 
 
@@ -1457,9 +1456,10 @@ def _classify(case: Case) -> Outcome:
     except Exception as error:  # the program itself is broken: not bnfold's business
         return Outcome("invalid", f"{type(error).__name__}: {error}")
     before = _state(program)
+    inputs = () if case.options.symbolic else (x,)
     try:
         result = bnfold.fold_with_report(
-            program, x, inplace=case.options.inplace, reparameterize=case.options.reparameterize
+            program, *inputs, inplace=case.options.inplace, reparameterize=case.options.reparameterize
         )
     except bnfold.BnfoldError as error:
         if not _same_state(_state(program), before):
@@ -1478,7 +1478,9 @@ def _classify(case: Case) -> Outcome:
             pristine,
             result.model,
             x,
-            lambda model, inputs: bnfold.fold(model, inputs, reparameterize=case.options.reparameterize),
+            lambda model, same_x: bnfold.fold(
+                model, *(() if case.options.symbolic else (same_x,)), reparameterize=case.options.reparameterize
+            ),
         )
     except Exception as error:
         why = f"the folded model fails: {type(error).__name__}: {error}"
@@ -1561,7 +1563,9 @@ def main(argv: list[str] | None = None) -> int:
         case = random_case(args.replay)
         outcome = classify(case)
         print(
-            f"seed {args.replay}: input {case.options.input_shape}, inplace={case.options.inplace}, train={case.options.train}"
+            f"seed {args.replay}: input {case.options.input_shape}, inplace={case.options.inplace}, "
+            f"train={case.options.train}, reparameterize={case.options.reparameterize}, "
+            f"symbolic={case.options.symbolic}"
         )
         print(listing(build(case)))
         print(f"-> {outcome.kind} (folded {outcome.folded}, kept {outcome.kept}) {outcome.detail}")

@@ -130,6 +130,69 @@ def test_norm_input_changed_in_place_later_is_kept():
     assert "changed in place" in result.report.plan.kept[0].reason
 
 
+def _write_relu(m, h):
+    h.relu_()
+
+
+def _write_detached(m, h):
+    h.detach().add_(1.0)
+
+
+def _write_item(m, h):
+    h[:, 0].mul_(3.0)
+
+
+def _write_sum(m, h):
+    g = h.view(h.shape)
+    g += 1.0
+
+
+def _write_functional(m, h):
+    torch.nn.functional.relu(h, inplace=True)
+
+
+def _write_module(m, h):
+    m.act(h)
+
+
+@pytest.mark.parametrize(
+    "write", [_write_relu, _write_detached, _write_item, _write_sum, _write_functional, _write_module]
+)
+def test_without_example_inputs_a_write_through_another_view_of_the_input_keeps_the_norm(write):
+    """torch.fx has no storage to compare: the norm reads a view of ``h``, and ``h`` (or another view of it)
+    is written after the norm ran and before ``conv`` reads the norm's output."""
+
+    def forward(m, x):
+        h = m.pre(x)
+        y = m.bn(h.permute(0, 2, 3, 1).permute(0, 3, 1, 2))
+        write(m, h)
+        return m.conv(y)
+
+    parts = {"pre": nn.Conv2d(3, 4, 1), "bn": nn.BatchNorm2d(4), "conv": nn.Conv2d(4, 4, 1)}
+    model = randomize_norms(Model(forward, **parts, act=nn.ReLU(inplace=True)).eval())
+    model.pre.bias.data.fill_(-0.3)  # so the writes change values
+    x = torch.randn(2, 3, 5, 5)
+    plan = bnfold.plan(model)
+    assert plan.traced_with == "torch.fx"
+    assert not plan.sites and "changed in place" in plan.kept[0].reason
+    torch.testing.assert_close(bnfold.fold(model)(x), model(x))
+
+
+def test_without_example_inputs_a_write_before_the_norm_reads_its_input_is_no_obstacle():
+    def forward(m, x):
+        h = m.pre(x)
+        h.relu_()
+        y = m.bn(h.permute(0, 2, 3, 1).permute(0, 3, 1, 2))
+        return m.conv(y)
+
+    model = Model(forward, pre=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4), conv=nn.Conv2d(4, 4, 1))
+    model = randomize_norms(model.eval())
+    plan = bnfold.plan(model)
+    assert [(s.norm, s.partners, s.direction) for s in plan.sites] == [("bn", ("conv",), "forward")]
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(bnfold.fold(model)(x), model(x))
+
+
 def test_conv_bn_conv_folds_backward():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)).eval()
     result = check_fold(model, torch.randn(2, 3, 5, 5), folded=1, kept=0)

@@ -107,6 +107,28 @@ def test_a_fold_that_makes_the_model_fail_is_kept_and_the_rest_folds(verify, inp
     assert (result.model is model) == inplace
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_without_example_inputs_a_fold_that_breaks_the_model_code_is_kept(inplace):
+    """No run to fail: the folded copy is traced with torch.fx again, and reading ``bn.num_features``
+    fails there."""
+
+    def forward(m, x):
+        y = m.bn(m.conv(x)) / m.bn.num_features
+        return m.bn2(m.conv2(y))
+
+    parts = {"conv": nn.Conv2d(3, 4, 3), "bn": nn.BatchNorm2d(4), "conv2": nn.Conv2d(4, 4, 3), "bn2": nn.BatchNorm2d(4)}
+    model = randomize_norms(Model(forward, **parts)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    result = bnfold.fold_with_report(model, inplace=inplace)
+    assert result.report.plan.traced_with == "torch.fx"
+    (kept,) = result.report.plan.kept
+    assert kept.norm == "bn" and "folding it made the folded model fail to run (AttributeError:" in kept.reason
+    assert [s.norm for s in result.report.plan.sites] == ["bn2"]
+    assert (result.model is model) == inplace
+    torch.testing.assert_close(result.model(x), expected)
+
+
 def test_a_fold_that_cannot_be_applied_is_kept_and_the_original_is_untouched():
     def broken_for_the_first(norm):
         if norm.num_features == 8:

@@ -25,7 +25,7 @@ from .report import FoldReport, largest_weight, model_size
 from .rules import AnyRule, RuleTable, build_rules
 from .running import inference
 from .surgery import Undo, apply_plan, clone_model, undo_all
-from .tracing import trace_execution, trace_symbolic
+from .tracing import retrace_symbolic, trace_execution, trace_symbolic
 from .verify import (
     Observed,
     OutputDiff,
@@ -175,7 +175,7 @@ def _has_float_values(outputs: Any) -> bool:
 def _failed_run(model: nn.Module, error: BaseException) -> FoldError:
     """The folded model's own code relied on something folding removed."""
     return FoldError(
-        f"the folded {type(model).__name__} could not run on example_inputs "
+        f"the folded {type(model).__name__} fails where the original ran "
         f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
     )
 
@@ -261,6 +261,12 @@ def _output_runner(args: tuple[Any, ...], sources: bool) -> Callable[[FoldPlan],
     return lambda found: lambda target: _observe(target, args, sources)
 
 
+def _retrace_runner(rules: RuleTable) -> Callable[[FoldPlan], Run]:
+    """Without example inputs: for each plan, trace the folded model with torch.fx again (no run, no check)."""
+    recorded = rules.layer_types() | rules.norm_types()
+    return lambda found: lambda target: retrace_symbolic(target, recorded)
+
+
 def _layer_runner(model: nn.Module, args: tuple[Any, ...]) -> Callable[[FoldPlan], Run]:
     """For each plan: record its folded regions on the original (called before the plan is applied, so also
     right when folding in place), then run the folded model with each region fed the original's inputs."""
@@ -280,15 +286,15 @@ def _apply_and_run(
     rules: RuleTable,
     inplace: bool,
     reparameterize: bool,
-    runner: Callable[[FoldPlan], Run] | None,
+    runner: Callable[[FoldPlan], Run],
 ) -> tuple[nn.Module, Undo, FoldPlan, Any]:
-    """Fold ``found`` into ``model`` (or a copy) and run the result once (``runner`` without example inputs:
-    not at all). A fold that cannot be applied, or that makes the run fail, is kept with the reason (see
+    """Fold ``found`` into ``model`` (or a copy) and run the result once (without example inputs: trace it
+    again). A fold that cannot be applied, or that makes the run fail, is kept with the reason (see
     :mod:`bnfold.isolate`), and the model is planned and folded again without it: one bad fold never blocks
     the others. Returns the folded model, the undo log, the plan it follows and what the run gave."""
     refused: dict[str, str] = {}
     while True:
-        run = runner(found) if runner is not None else None
+        run = runner(found)
         target = model if inplace else clone_model(model)  # a failed copy is simply dropped
         try:
             undo = apply_plan(target, found, rules, undoable=inplace)
@@ -299,8 +305,6 @@ def _apply_and_run(
             failure: BaseException = error.__cause__ or error
             applied = False
         else:
-            if run is None:
-                return target, undo, found, None
             try:
                 return target, undo, found, run(target)
             except Exception as error:
@@ -369,7 +373,7 @@ def _fold(
     params_before, bytes_before = model_size(model)
     checked = None
     reference = Observed(graph.reference_outputs, graph.output_sources, graph.output_magnitudes)
-    runner: Callable[[FoldPlan], Run] | None = None
+    runner = _retrace_runner(rules)
     if args is not None:
         # Outputs with no floating-point values, nor any known to come from floats, would prove nothing.
         comparable = _has_float_values(reference.outputs) or any(s.tensors for s in reference.sources.values())

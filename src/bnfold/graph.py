@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from .aliasing import Effect, changed_after
 from .verify import Sources
 
 __all__ = ["ValueKey", "Shape", "TensorKey", "Call", "TensorRef", "Span", "DataFlowGraph", "readable_op_names"]
@@ -105,12 +106,15 @@ class DataFlowGraph:
     final_versions: dict[int, int] = field(default_factory=dict)
     # execution tracing: every module call that is not inside a module recorded as a whole
     spans: list[Span] = field(default_factory=list)
+    # symbolic tracing: what each call may do to the memory of its inputs (by call index)
+    effects: dict[int, Effect] = field(default_factory=dict)
 
     def changed_later(self, key: ValueKey, reader: int) -> bool:
         """Whether the tensor behind ``key`` may be changed in place after ``reader`` read it (through it
-        or any alias of the same storage). Symbolic traces cannot tell: any other reader counts."""
+        or any alias of the same storage). A symbolic trace has no storage: any other reader of the value
+        counts, and so does any later call that may write a value that may share its memory."""
         if self.traced_with != "example_inputs":
-            return any(i != reader for i in self.consumers.get(key, []))
+            return any(i != reader for i in self.consumers.get(key, [])) or changed_after(self, key, reader)
         if not isinstance(key, TensorKey) or key.storage is None:
             return True
         return (

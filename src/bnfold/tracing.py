@@ -34,6 +34,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .aliasing import NO_EFFECT, effect_of_function, effect_of_module
 from .classes import has_type
 from .errors import TraceError
 from .graph import Call, DataFlowGraph, Shape, Span, TensorKey, TensorRef, ValueKey
@@ -42,7 +43,7 @@ from .lineage import Lineage
 from .nested import detached_copy, iter_tensors
 from .running import inference
 
-__all__ = ["trace_execution", "trace_symbolic"]
+__all__ = ["trace_execution", "trace_symbolic", "retrace_symbolic"]
 
 
 def _tensors(obj: Any) -> list[Tensor]:
@@ -471,12 +472,13 @@ def trace_symbolic(
     for node in fx_graph.nodes:
         inputs = [n.name for n in node.all_input_nodes]
         if node.op == "placeholder":
-            graph.add("input", node.name, None, [], [node.name])
+            graph.effects[graph.add("input", node.name, None, [], [node.name]).index] = NO_EFFECT
         elif node.op == "call_module":
             module = model.get_submodule(str(node.target))
-            graph.add("module", str(node.target), module, inputs, [node.name])
+            call = graph.add("module", str(node.target), module, inputs, [node.name])
+            graph.effects[call.index] = effect_of_module(module)
         elif node.op == "output":
-            graph.add("output", "<outputs>", None, inputs, [])
+            graph.effects[graph.add("output", "<outputs>", None, inputs, []).index] = NO_EFFECT
         else:
             if node.op == "get_attr":
                 owner_name, _, _ = str(node.target).rpartition(".")
@@ -484,11 +486,15 @@ def trace_symbolic(
                     owner = model.get_submodule(owner_name)
                     if id(owner) in watched:
                         graph.foreign_uses.setdefault(id(owner), f"get_attr {node.target}")
-            graph.add(
-                "function",
-                _op_name(node.target) if callable(node.target) else str(node.target),
-                None,
-                inputs,
-                [node.name],
-            )
+            name = _op_name(node.target) if callable(node.target) else str(node.target)
+            call = graph.add("function", name, None, inputs, [node.name])
+            python_operator = getattr(node.target, "__module__", None) in ("operator", "_operator")
+            graph.effects[call.index] = effect_of_function(name, node.kwargs, python_operator)
     return graph
+
+
+def retrace_symbolic(model: nn.Module, leaf_types: set[type[nn.Module]]) -> None:
+    """Trace a folded model with ``torch.fx`` once more, raising what its code raises. Without example inputs
+    this stands in for the run that shows a fold breaking the model's own code (``self.bn.num_features``
+    read in a forward after the norm was replaced)."""
+    _LeafTracer(leaf_types).trace(model)
