@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold.recipes import Layer, Source, Sum, structure
 
 from helpers import randomize_norms
 
@@ -669,6 +670,24 @@ def test_partial_merge_checkpoint_loads_in_one_call(tmp_path, suffix):
 
 
 # -- the API --------------------------------------------------------------------------------------------
+def test_hints_tell_blocks_built_alike_from_one_whose_branches_do_not_merge():
+    """Hints are worked out once per structure of branches (module types and sizes, not weights): a block
+    whose identity norm uses batch statistics gets no hint although it is otherwise alike."""
+    model = nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 8), RepVGGBlock(8, 8), RepVGGBlock(8, 8))
+    model[2].rbr_identity = nn.BatchNorm2d(8, track_running_stats=False)
+    model = randomize_norms(model).eval()
+    plan = bnfold.plan(model, X)
+    hinted = {k.norm for k in plan.kept if "reparameterize=True would merge it" in k.reason}
+    assert hinted == {"0.rbr_identity", "1.rbr_identity", "3.rbr_identity"}
+    assert "2.rbr_identity" in {k.norm for k in plan.kept}
+
+    def branches(block: int) -> Sum:
+        dense = Layer("norm", f"{block}.rbr_dense.1", Layer("conv", f"{block}.rbr_dense.0", Source()))
+        return Sum(((1.0, dense), (1.0, Layer("norm", f"{block}.rbr_identity", Source()))))
+
+    assert structure(branches(0), model) == structure(branches(1), model) != structure(branches(2), model)
+
+
 def test_off_by_default_and_the_reason_says_what_it_would_do():
     model = randomize_norms(nn.Sequential(RepVGGBlock(8, 8))).eval()
     plan = bnfold.plan(model, X)

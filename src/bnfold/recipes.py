@@ -9,6 +9,7 @@ code computes). It is data (the plan carries it); :func:`evaluate` turns it into
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "Unknown",
     "Recipe",
     "evaluate",
+    "structure",
     "describe",
     "rebase",
     "unknown_reason",
@@ -141,6 +143,21 @@ def _conv_form(conv: nn.Module) -> ConvForm:
         int(getattr(conv, "groups", 1)),
         str(getattr(conv, "padding_mode", "zeros")),
     )
+
+
+def structure(recipe: Recipe, model: nn.Module) -> Hashable:
+    """All that :func:`evaluate`'s outcome depends on but the weights' values: the recipe's tree with each
+    module as its type and its ``repr`` (sizes, strides, padding, groups...) and each named constant as its
+    shape. Two recipes alike either both merge, into kernels of one shape, or both fail."""
+    if isinstance(recipe, Source | Unknown):
+        return recipe
+    if isinstance(recipe, Sum):
+        return ("sum", tuple((sign, structure(term, model)) for sign, term in recipe.terms))
+    if isinstance(recipe, Coefficient):
+        shape = None if recipe.name is None else tuple(constant_named(model, recipe.name).shape)
+        return ("coefficient", recipe.op, recipe.value, shape, structure(recipe.inner, model))
+    module = model.get_submodule(recipe.name)
+    return ("layer", recipe.kind, type(module), repr(module), structure(recipe.inner, model))
 
 
 def evaluate(recipe: Recipe, model: nn.Module, rules: RuleTable, channels: int, dims: int) -> ConvForm:

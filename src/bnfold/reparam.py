@@ -16,7 +16,7 @@ that followed the sum.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,7 @@ from .recipes import (
     has_conv,
     is_sum,
     sequence_cost,
+    structure,
     unknown_reason,
 )
 
@@ -134,29 +135,57 @@ class _Merge:
     kept: tuple[KeptBranch, ...] = ()
 
 
-def _analyse(branches: Branches, ctx: PlanContext) -> _Merge:
+Evaluator = Callable[[Recipe, PlanContext, int, int], ConvForm]
+
+
+def _exact(recipe: Recipe, ctx: PlanContext, channels: int, dims: int) -> ConvForm:
+    return evaluate(recipe, ctx.model, ctx.rules, channels, dims)
+
+
+def _by_structure() -> Evaluator:
+    """An evaluator for hints, which need only whether branches merge: that depends on the recipe's
+    structure (:func:`~bnfold.recipes.structure`), not on the weights' values, so blocks built alike
+    (a RepVGG stage) are evaluated once. Its forms hold the first such block's values: never for a merge."""
+    memo: dict[Hashable, ConvForm | Exception] = {}
+
+    def evaluator(recipe: Recipe, ctx: PlanContext, channels: int, dims: int) -> ConvForm:
+        key = (structure(recipe, ctx.model), channels, dims)
+        if key not in memo:
+            try:
+                memo[key] = _exact(recipe, ctx, channels, dims)
+            except Exception as error:  # the same outcome for every block built alike
+                memo[key] = error
+        found = memo[key]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    return evaluator
+
+
+def _analyse(branches: Branches, ctx: PlanContext, evaluator: Evaluator = _exact) -> _Merge:
     """The merge of all the branches; failing that, of those that merge (a partial merge); else Kept or
     NotExact with the reason the whole sum stays."""
     try:
-        return _whole(branches, ctx)
+        return _whole(branches, ctx, evaluator)
     except (Kept, NotExact) as whole:
         if branches.inner is not None and has_conv(branches.inner.recipe):
             # the sum alone, without the norm or convolution after it; if it stays, its reason is about the sum
-            return _analyse(branches.inner, ctx)
+            return _analyse(branches.inner, ctx, evaluator)
         if not branches.terms:
             raise
         try:
-            return _partial(branches, ctx)
+            return _partial(branches, ctx, evaluator)
         except _NoSplit:
             raise whole from None
 
 
-def _whole(branches: Branches, ctx: PlanContext) -> _Merge:
+def _whole(branches: Branches, ctx: PlanContext, evaluator: Evaluator) -> _Merge:
     reason = region_reason(branches, ctx)
     if reason:
         raise Kept(reason)
     channels, dims = channels_and_dims(branches, ctx)
-    form = evaluate(branches.recipe, ctx.model, ctx.rules, channels, dims)
+    form = evaluator(branches.recipe, ctx, channels, dims)
     if not is_sum(branches.recipe):
         before, after = sequence_cost(branches.recipe, ctx.model), float(form.kernel.numel())
         if after > before:
@@ -181,7 +210,7 @@ class _NoSplit(Exception):  # noqa: N818 - control flow: no part of the branches
 _MAX_SEEDS = 8
 
 
-def _partial(branches: Branches, ctx: PlanContext) -> _Merge:
+def _partial(branches: Branches, ctx: PlanContext, evaluator: Evaluator) -> _Merge:
     """The largest group of branches that one convolution computes exactly, the others kept running.
 
     Raises :class:`_NoSplit` when no group saves a module (see :func:`_saves`), and Kept when one would but a
@@ -192,7 +221,7 @@ def _partial(branches: Branches, ctx: PlanContext) -> _Merge:
     reasons: dict[int, str] = {}
     for i, term in enumerate(terms):
         try:
-            form = evaluate(term.recipe, ctx.model, ctx.rules, channels, dims)
+            form = evaluator(term.recipe, ctx, channels, dims)
         except Exception as error:  # NotExact, or a shape the analysis did not foresee: this branch stays
             reasons[i] = _words(error)
             continue
@@ -407,11 +436,12 @@ def merge_hints(ctx: PlanContext, norms: Collection[str] | None = None) -> dict[
     """Norm name -> the block whose branches ``reparameterize=True`` would merge it with (only branches
     holding one of ``norms``, when given, are analysed)."""
     hints: dict[str, str] = {}
+    evaluator = _by_structure()
     for found in find_branches(ctx):
         if isinstance(found, Kept) or (norms is not None and not any(m in norms for m in found.modules)):
             continue
         try:
-            merge = _analyse(found, ctx)
+            merge = _analyse(found, ctx, evaluator)
         except Exception:  # Kept, NotExact, or anything unforeseen: a hint is a courtesy, never a failure
             continue
         for name in merge.modules:
