@@ -441,9 +441,8 @@ def _check_sections(out: Path) -> list[str]:
             "look-through op bnfold knows, in-place ops (through aliases too), shared modules, tied weights, weights "
             "and constants read elsewhere, cat/chunk/split, reshapes that keep or interleave channels, pooling, "
             "several and integer outputs, blocks of parallel branches (some merging only in part), small modules of the user's own "
-            "that apply a constant, code that reads a norm after it ran, `inplace=True` and `reparameterize=True`. "
-            "Each "
-            "is folded and judged by an oracle of the fuzzer's "
+            "that apply a constant, code that reads a norm after it ran, `inplace=True`, `reparameterize=True`, "
+            "and folds without example inputs (torch.fx). Each is folded and judged by an oracle of the fuzzer's "
             "own (float64 copies of the original and of the folded model, output by output). `folded`: outputs "
             "equal; `refused`: a `BnfoldError` with its reason, original untouched; `crash`: any other exception; "
             "`wrong`: a returned model whose outputs differ; `changed`: the original was modified; `invalid`: the "
@@ -463,5 +462,6 @@ def _check_sections(out: Path) -> list[str]:
         if seeds or bad:
             parts += ["First refused seeds: " + "; ".join(seeds) + "." if seeds else "", ""]
             parts += [*(f"- {line}" for line in bad), ""] if bad else []
-        parts += [*(f"{note}" for note in fuzz.get("notes", [])), ""] if fuzz.get("notes") else []
+        for note in fuzz.get("notes", []):
+            parts += [note, ""]
     return parts
