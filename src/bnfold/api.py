@@ -100,9 +100,15 @@ def _warn_training(model: nn.Module, plan: FoldPlan, stacklevel: int) -> None:
 
 
 def _plan(
-    model: nn.Module, args: tuple[Any, ...] | None, rules: RuleTable, stacklevel: int, reparameterize: bool = False
+    model: nn.Module,
+    args: tuple[Any, ...] | None,
+    rules: RuleTable,
+    stacklevel: int,
+    reparameterize: bool = False,
+    hints: bool = True,
 ) -> tuple[FoldPlan, DataFlowGraph]:
-    """Discover and plan; ``stacklevel`` points a warning at the user's call (1 = the caller of _plan)."""
+    """Discover and plan; ``stacklevel`` points a warning at the user's call (1 = the caller of _plan);
+    ``hints``: see :func:`~bnfold.planner.make_plan`."""
     if not isinstance(reparameterize, bool):
         raise TypeError(f"reparameterize must be True or False, got {reparameterize!r}")
     if reparameterize and args is None:
@@ -111,7 +117,7 @@ def _plan(
             "bnfold.fold(model, torch.randn(1, 3, 224, 224), reparameterize=True)"
         )
     graph = _discover(model, args, rules)
-    found = make_plan(model, graph, rules, reparameterize=reparameterize)
+    found = make_plan(model, graph, rules, reparameterize=reparameterize, hints=hints)
     _warn_training(model, found, stacklevel + 1)
     return found, graph
 
@@ -287,6 +293,7 @@ def _apply_and_run(
     inplace: bool,
     reparameterize: bool,
     runner: Callable[[FoldPlan], Run],
+    hints: bool = True,
 ) -> tuple[nn.Module, Undo, FoldPlan, Any]:
     """Fold ``found`` into ``model`` (or a copy) and run the result once (without example inputs: trace it
     again). A fold that cannot be applied, or that makes the run fail, is kept with the reason (see
@@ -318,7 +325,7 @@ def _apply_and_run(
         if name in refused:  # planned again all the same: never loop
             raise _failed_run(model, failure) from failure
         refused[name] = failure_reason(site, failure, applied)
-        found = make_plan(model, graph, rules, reparameterize=reparameterize, refused=refused)
+        found = make_plan(model, graph, rules, reparameterize=reparameterize, refused=refused, hints=hints)
 
 
 def _rounding_or_wrong(
@@ -360,8 +367,11 @@ def _fold(
     extra_rules: Iterable[AnyRule] | None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
+    hints: bool = True,
 ) -> FoldResult:
-    """The body of fold() and fold_with_report(), called directly by both (warnings point at the user)."""
+    """The body of fold() and fold_with_report(), called directly by both (warnings point at the user).
+    ``hints=False``: nobody reads the plan's kept rows (fold() returns only the model), so they go without
+    the reparameterization hints, whose analysis costs as much as a merge."""
     model = _check_model(model, "fold")
     args = _check_inputs(example_inputs)
     if not isinstance(inplace, bool):
@@ -369,7 +379,7 @@ def _fold(
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be 'outputs' or 'layers', got {verify!r}")
     rules = build_rules(extra_rules)
-    found, graph = _plan(model, args, rules, stacklevel=3, reparameterize=reparameterize)
+    found, graph = _plan(model, args, rules, stacklevel=3, reparameterize=reparameterize, hints=hints)
     params_before, bytes_before = model_size(model)
     checked = None
     reference = Observed(graph.reference_outputs, graph.output_sources, graph.output_magnitudes)
@@ -380,7 +390,7 @@ def _fold(
         checked = "layers" if verify == "layers" or not comparable else "outputs"
         runner = _layer_runner(model, args) if checked == "layers" else _output_runner(args, bool(reference.sources))
     weights_before = {s.norm: largest_weight(model, s.partners) for s in found.sites if s.kind == "merge"}
-    target, undo, found, first = _apply_and_run(model, graph, found, rules, inplace, reparameterize, runner)
+    target, undo, found, first = _apply_and_run(model, graph, found, rules, inplace, reparameterize, runner, hints)
     merges = {s.norm for s in found.sites if s.kind == "merge"}
     weights_before = {block: weight for block, weight in weights_before.items() if block in merges}
     abs_error = rel_error = None
@@ -465,7 +475,7 @@ def fold(
     >>> type(folded[1]).__name__
     'Identity'
     """
-    return _fold(model, example_inputs, inplace, extra_rules, verify, reparameterize).model
+    return _fold(model, example_inputs, inplace, extra_rules, verify, reparameterize, hints=False).model
 
 
 class BN_Folder:  # noqa: N801 - the name fasterai code already uses

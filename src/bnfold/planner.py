@@ -49,10 +49,12 @@ def make_plan(
     *,
     reparameterize: bool = False,
     refused: Mapping[str, str] | None = None,
+    hints: bool = True,
 ) -> FoldPlan:
     """Decide, for every norm layer (and channel-wise constant) of ``model``, whether and where it folds,
     with ``passes`` (default: :data:`PASSES`, read at each call, after :data:`REPARAMETERIZE_PASSES` when
-    ``reparameterize``). ``refused``: norms, constants and merged blocks to keep (name -> the reason)."""
+    ``reparameterize``). ``refused``: norms, constants and merged blocks to keep (name -> the reason).
+    ``hints``: a kept norm that ``reparameterize=True`` would merge says so in its reason."""
     ctx = PlanContext(model, graph, rules, refused=dict(refused or {}))
     if passes is None:
         passes = (*REPARAMETERIZE_PASSES, *PASSES) if reparameterize else PASSES
@@ -64,15 +66,15 @@ def make_plan(
     kept_names = {name for name, row in rows.items() if not isinstance(row, FoldSite)}
     # Only a kept row shows a hint, so the branches (whose analysis costs as much as a merge) are looked at
     # only when there is one; no pass above claims anything without reparameterize.
-    hints = merge_hints(ctx, kept_names) if kept_names and not reparameterize and graph.has_shapes else {}
+    merges = merge_hints(ctx, kept_names) if hints and kept_names and not reparameterize and graph.has_shapes else {}
     sites: list[FoldSite] = []  # in the order surgery applies them: the order each pass gives
     kept: list[KeptNorm] = []
     for row in rows.values():
         if isinstance(row, FoldSite):
             sites.append(row)
-        elif row.norm in hints:
+        elif row.norm in merges:
             reason = (
-                f"{row.reason}; reparameterize=True would merge it with its parallel branches into '{hints[row.norm]}'"
+                f"{row.reason}; reparameterize=True would merge it with its parallel branches into '{merges[row.norm]}'"
             )
             kept.append(KeptNorm(row.norm, row.norm_type, reason, row.partner))
         else:
