@@ -403,7 +403,11 @@ def _check_sections(out: Path) -> list[str]:
             "(trace, plan, copy, fold, check), the traced forward it runs, and one copy of the model. The last "
             "column is the fold against the budget traced forward + folded forward + copy; the aim is at most "
             "1.25. "
-            + ("Single-threaded CPU time (the machine was busy with other work). " if cost.get("cpu_time") else "")
+            + (
+                "Single-threaded CPU time, which other work on the machine disturbs less than wall time. "
+                if cost.get("cpu_time")
+                else ""
+            )
             + "The float64 run of the check happens only when the float32 comparison fails, so it is not in these "
             f"figures. {_within_bound(cost['rows'])}",
             "",
