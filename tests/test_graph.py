@@ -148,3 +148,23 @@ def test_a_write_through_an_alias_of_the_weight_is_a_use_of_the_weight():
     model = ClipsItsWeight().eval()
     result = check_fold(model, torch.randn(2, 3, 6, 6), folded=0, kept=1)
     assert "changes its parameters in place" in result.report.plan.kept[0].reason
+
+
+def test_symbolic_effects_name_only_what_is_known_safe():
+    """What a torch.fx call may do to its inputs' memory: anything not known to be safe may alias and write."""
+    from bnfold.aliasing import Effect, effect_of_function, effect_of_module
+
+    class Mine(nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+
+    fresh, view, unknown = Effect(False, False), Effect(True, False), Effect(True, True)
+    assert effect_of_module(nn.Conv2d(1, 1, 1)) == effect_of_module(nn.ReLU()) == fresh
+    assert effect_of_module(nn.ReLU(inplace=True)) == effect_of_module(Mine()) == unknown
+    assert effect_of_module(nn.Identity()) == effect_of_module(nn.Flatten()) == view
+    assert effect_of_function("_VariableFunctionsClass.add", {}) == effect_of_function("add", {}) == fresh
+    assert effect_of_function("add", {}, python_operator=True) == unknown  # x += y is recorded as x + y
+    assert effect_of_function("relu", {"inplace": True}) == effect_of_function("add", {"out": object()}) == unknown
+    assert effect_of_function("add_", {}) == effect_of_function("setitem", {}) == unknown
+    assert effect_of_function("permute", {}) == effect_of_function("detach", {}) == view
+    assert effect_of_function("my_own_function", {}) == unknown

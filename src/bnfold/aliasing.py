@@ -11,7 +11,7 @@ tensors: ``h.permute(...)`` and ``h`` are different nodes that share memory, and
   know);
 - ``writes``: it may write an input in place (a method or function ending in
   ``_``, ``x += y``, ``x[i] = v``, ``inplace=True``, ``out=``, an op bnfold does
-  not know).
+  not know, a module whose class is not torch's).
 
 The lists below name only what is known to be safe (new memory and no write);
 anything else is taken to alias and to write. :func:`changed_after` then asks
@@ -134,11 +134,14 @@ _VIEW_MODULES: tuple[type[nn.Module], ...] = (
 
 def effect_of_module(module: nn.Module) -> Effect:
     """The effect of a module call of a symbolic trace: a leaf of torch.nn or a layer or norm bnfold knows.
-    A module built with ``inplace=True`` writes its input; the identities and reshapes hand back a view."""
+    A module built with ``inplace=True`` writes its input; the identities and reshapes hand back a view; a
+    class from outside torch (a library's or the user's own layer) may do anything in its forward."""
     if getattr(module, "inplace", False) is True:
         return _UNKNOWN
     if isinstance(module, _VIEW_MODULES):
         return _VIEW
+    if not type(module).__module__.startswith("torch."):
+        return _UNKNOWN
     return NO_EFFECT
 
 
