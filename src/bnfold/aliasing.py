@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import nn
 
+from .classes import type_chain
+
 if TYPE_CHECKING:
     from .graph import DataFlowGraph, ValueKey
 
@@ -118,30 +120,22 @@ def effect_of_function(name: str, kwargs: Mapping[str, Any], python_operator: bo
     return _UNKNOWN
 
 
-# torch.nn leaf modules that may hand back their input or a view of it
-_VIEW_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
+# The op table's kinds of op that hand on their input, or a view of it (nn.Identity, Dropout, Flatten...)
+_VIEW_KINDS = ("identity", "reshaped", "moved")
 
 
 def effect_of_module(module: nn.Module) -> Effect:
     """The effect of a module call of a symbolic trace: a leaf of torch.nn or a layer or norm bnfold knows.
-    A module built with ``inplace=True`` writes its input; the identities and reshapes hand back a view; a
-    class from outside torch (a library's or the user's own layer) may do anything in its forward."""
-    if getattr(module, "inplace", False) is True:
+    A module built with ``inplace=True`` writes its input; a class from outside torch (a library's or the
+    user's own layer) may do anything in its forward; the op table's identities and reshapes hand on a view."""
+    from .ops import op_table  # here: the op table reads the graph's types, and the graph reads this module
+
+    if getattr(module, "inplace", False) is True or not type(module).__module__.startswith("torch."):
         return _UNKNOWN
-    if isinstance(module, _VIEW_MODULES):
+    modules = op_table()[1]
+    entry = next((modules[kind] for kind in type_chain(module) if kind in modules), None)
+    if entry is not None and entry.kind in _VIEW_KINDS:
         return _VIEW
-    if not type(module).__module__.startswith("torch."):
-        return _UNKNOWN
     return NO_EFFECT
 
 
