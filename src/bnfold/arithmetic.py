@@ -76,32 +76,6 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"unknown weight layout {layout!r}; expected 'conv', 'conv_transpose' or 'linear'")
 
 
-def _scaled_input_f64(w: Tensor, s: Tensor, layout: Layout, groups: int) -> Tensor:
-    """``w`` (float64) with input feature ``i`` multiplied by ``s[i]``.
-
-    A Linear whose input is a flattened (C, *spatial) map has ``C * r`` input features for ``C`` scales:
-    feature ``f`` belongs to channel ``f // r``.
-    """
-    kernel = (1,) * (w.dim() - 2)
-    if layout == "linear":
-        repeat = w.shape[1] // s.numel()
-        return w * s.repeat_interleave(repeat).reshape(1, -1)
-    if layout == "conv_transpose":
-        return w * s.reshape(-1, 1, *kernel)
-    # (out, in/groups, *k): input channel = group * (in/groups) + i, for the outputs of that group
-    grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-    return (grouped * s.reshape(groups, 1, w.shape[1], *kernel)).reshape(w.shape)
-
-
-def _per_output_sum_f64(w: Tensor, layout: Layout, groups: int) -> Tensor:
-    """Sum a (scaled) weight over everything but its output channels: the response to a constant input."""
-    if layout == "conv_transpose":
-        grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-        dims = (1, *range(3, grouped.dim()))
-        return grouped.sum(dim=dims).reshape(-1)
-    return w.reshape(w.shape[0], -1).sum(dim=1)
-
-
 # Elements per float64 temporary when scaling a weight on the CPU: small enough to stay in cache, so that scaling
 # costs about one read and one write of the weight instead of several passes over float64 copies of it.
 _CHUNK = 1 << 16
@@ -138,12 +112,15 @@ def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: st
     # on an accelerator one pass is faster than many small ones
     step = max(1, _CHUNK // max(1, w[0].numel())) if device.type == "cpu" else max(1, w.shape[0])
     buffer = torch.empty((min(step, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=device)
-    for i in range(0, w.shape[0], step):
-        n = min(step, w.shape[0] - i)
-        part = buffer[:n]
-        # the product of the weight's values (widened exactly) and the factor, in float64, in one pass
-        torch.mul(w[i : i + n], factor if factor.shape[0] == 1 else factor[i : i + n], out=part)
-        result[i : i + n].copy_(part)
+    sources, dests = w.split(step), result.split(step)
+    factors = [factor] * len(sources) if factor.shape[0] == 1 else factor.split(step)
+    for source, f, dest in zip(sources, factors, dests, strict=True):
+        part = buffer if source.shape[0] == buffer.shape[0] else buffer[: source.shape[0]]
+        # widen the weight's values exactly, multiply in float64, round once: three vectorized passes in cache
+        # (faster than one mixed-dtype multiply)
+        part.copy_(source)
+        part.mul_(f)
+        dest.copy_(part)
     if out is not None and target is None:
         out.detach().copy_(result)
         return out
@@ -184,8 +161,18 @@ def input_shift_response(weight: Tensor, shift: Tensor, layout: Layout, groups: 
     """
     _check_layout(layout)
     device = _work_device(weight)
-    scaled = _scaled_input_f64(_f64(weight, device), _f64(shift, device), layout, groups)
-    return _per_output_sum_f64(scaled, layout, groups)
+    w, s = _f64(weight, device), _f64(shift, device)
+    # sum each (output, input) pair's kernel first: a matrix over the first two axes, then one product per group
+    # (a Linear reading a flattened (C, *spatial) map: feature f belongs to channel f // (features / C))
+    cols = s.numel() if layout == "linear" else w.shape[1]
+    pairs = w.reshape(w.shape[0], cols, -1)
+    pairs = pairs[:, :, 0] if pairs.shape[2] == 1 else pairs.sum(2)
+    rows = pairs.shape[0]
+    if layout == "conv_transpose":  # (in, out/groups): the inputs of each group feed its outputs
+        per_group = pairs.reshape(groups, rows // groups, cols).transpose(1, 2)
+    else:  # (out, in/groups): the outputs of each group read its inputs
+        per_group = pairs.reshape(groups, rows // groups, cols)
+    return torch.bmm(per_group, s.reshape(groups, -1, 1)).reshape(-1)
 
 
 def fold_bias(bias: Tensor | None, scale: Tensor, shift: Tensor, like: Tensor) -> Tensor:

@@ -20,16 +20,12 @@ from .ops import OpEntry, axis_before, entry_for
 from .plan import FoldSite
 from .rules import FoldRule
 
-__all__ = ["fold_backward", "CAT_OPS", "affine_is_positive"]
+__all__ = ["fold_backward", "CAT_OPS"]
 
 CAT_OPS = {"_VariableFunctionsClass.cat", "_VariableFunctionsClass.concat", "_VariableFunctionsClass.concatenate"}
 
 # what a folded norm left behind (nothing) counts as, for a later norm reading through it
 _FOLDED = OpEntry("kept", lambda call, axis: None)
-
-
-def affine_is_positive(rule: FoldRule, norm: nn.Module) -> bool:
-    return bool((rule.affine(norm)[0] > 0).all())
 
 
 def _step(source: Call, ctx: PlanContext) -> OpEntry | None:
@@ -79,14 +75,14 @@ def fold_backward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
         raise Kept(f"the output of '{name}' also feeds {where}: folding would change what that sees", name)
     if len(source.outputs) != 1:
         raise Kept(f"'{name}' returns several tensors", name)
-    channels = rule.affine(norm)[0].numel()
+    channels = ctx.affine(rule, norm)[0].numel()
     if channels != out_channels(layer, rule.weight_layout):
         raise Kept(f"it has {channels} channels but '{name}' makes {out_channels(layer, rule.weight_layout)}", name)
     if graph.has_shapes:
         _check_axis(norm, call, source, layer, rule, path, ctx)
     else:
         symbolic_rank_check(norm, layer, rule, ctx, flattened=False)
-    positive = affine_is_positive(rule, norm) if path else True
+    positive = ctx.positive(rule, norm) if path else True
     for step, entry in path:
         reason = entry.condition(step, positive)
         if reason:
@@ -183,7 +179,7 @@ def _fold_into_cat(norm: nn.Module, call: Call, cat: Call, ctx: PlanContext) -> 
         width = out_channels(layer, layout)
         slices.append((total, total + width))
         total += width
-        channels = rule.affine(norm)[0].numel()
+        channels = ctx.affine(rule, norm)[0].numel()
     if not_layers:
         verb = "is not a layer" if len(not_layers) == 1 else "are not layers"
         problems.insert(0, f"{_listed(not_layers)} {verb} it can fold into")

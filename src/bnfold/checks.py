@@ -3,10 +3,12 @@ a layer that apply whatever the kind of fold."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .classes import layer_type
 from .graph import DataFlowGraph, readable_op_names
@@ -47,6 +49,7 @@ class PlanContext:
     # folds to keep whatever the passes find (norm, constant or merged block -> the reason): folds that made
     # the folded model fail to run
     refused: dict[str, str] = field(default_factory=dict)
+    _affines: dict[tuple[int, Callable[..., Any]], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modules = list(self.model.named_modules())
@@ -58,6 +61,20 @@ class PlanContext:
 
     def name(self, module: nn.Module) -> str:
         return self.names.get(id(module), "?")
+
+    def affine(self, rule: FoldRule, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        """The norm's float64 ``(scale, shift)`` by ``rule``, worked out once per plan and map (the model does
+        not change while it is planned)."""
+        key = (id(norm), rule.affine)
+        found = self._affines.get(key)
+        if found is None:
+            found = self._affines[key] = rule.affine(norm)
+        return found
+
+    def positive(self, rule: FoldRule, norm: nn.Module) -> bool:
+        """Whether every channel's scale is positive (an order-keeping op such as max-pooling lets the map
+        through only then)."""
+        return bool((self.affine(rule, norm)[0] > 0).all())
 
     @cached_property
     def readers_inside(self) -> dict[str, str]:

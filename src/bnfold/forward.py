@@ -73,7 +73,7 @@ def fold_forward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
 def _follow(norm: nn.Module, call: Call, path: Path, rule: FoldRule, ctx: PlanContext) -> tuple[int | None, bool]:
     """The norm's channel axis where ``path`` ends, by ``rule``, and whether the path flattened it into
     channel-major blocks; the axis is ``None`` without shapes. Raise Kept where a step breaks it."""
-    positive = bool((rule.affine(norm)[0] > 0).all())
+    positive = ctx.positive(rule, norm)
     in_ndim = call.input_ndims[0]
     axis = rule.channel_axis(norm, in_ndim) if in_ndim is not None else None
     flattened = False
@@ -105,7 +105,7 @@ def _check_partner(norm: nn.Module, call: Call, layer: nn.Module, reader: Call, 
     if reason:
         raise Kept(f"'{name}' {reason}", name)
     axis, flattened = _follow(norm, call, path, rule, ctx)
-    channels = rule.affine(norm)[0].numel()
+    channels = ctx.affine(rule, norm)[0].numel()
     in_features = in_channels(layer, layout)
     if flattened and layout == "linear":
         if in_features % channels:
