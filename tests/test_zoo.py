@@ -203,3 +203,87 @@ def test_float64_folds_are_exact_to_rounding(library, name, size):
     with torch.no_grad():
         expected, actual = model(x), result.model(x)
     assert max_rel_diff(expected, actual) < 1e-12
+
+
+class _WeightKinds(nn.Module):
+    """Layers whose weights a fold writes in every way: a plain weight taking one fold, two norms into one
+    conv, a channels-last weight, a pruned weight, a parametrized weight, a concat and a forward fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain, self.bn_plain = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.twice, self.bn_a, self.bn_b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.last, self.bn_last = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.last.weight.data = self.last.weight.data.to(memory_format=torch.channels_last)
+        self.pruned, self.bn_pruned = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        torch.nn.utils.prune.l1_unstructured(self.pruned, "weight", amount=0.3)
+        self.param, self.bn_param = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        torch.nn.utils.parametrizations.weight_norm(self.param)
+        self.left, self.right, self.bn_cat = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(8)
+        self.bn_fwd, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        x = self.bn_plain(self.plain(x))
+        x = self.bn_b(self.bn_a(self.twice(x)))
+        x = self.bn_last(self.last(x))
+        x = self.bn_pruned(self.pruned(x))
+        x = self.bn_param(self.param(x))
+        x = self.bn_cat(torch.cat([self.left(x), self.right(x)], 1))
+        return self.head(self.bn_fwd(x.relu()))
+
+
+class _NormActOnATranspose(nn.Module):
+    """A timm norm+activation whose replacement keeps its activation and gives a contiguous output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).transpose(2, 3)).view(x.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    "build, size",
+    [
+        pytest.param(lambda: _torchvision("resnet18"), 32, id="tv-resnet18"),
+        pytest.param(lambda: _torchvision("mobilenet_v3_small"), 32, id="tv-mobilenet_v3_small"),
+        pytest.param(lambda: timm.create_model("levit_128s", num_classes=10), 224, id="timm-levit_128s"),
+        pytest.param(lambda: timm.create_model("efficientnet_b0", num_classes=10), 32, id="timm-efficientnet_b0"),
+        pytest.param(_WeightKinds, 32, id="weight-kinds"),
+        pytest.param(_NormActOnATranspose, 9, id="norm-act-on-a-transpose"),
+    ],
+)
+def test_folded_copy_is_copying_then_folding_bit_for_bit(build, size):
+    """A folded copy does not copy what folding throws away: it puts each folded norm's replacement in its
+    place as it copies. The result must be exactly what copying, then folding, gives."""
+    from bnfold.planner import make_plan
+    from bnfold.rules import build_rules
+    from bnfold.surgery import _REPLACING, _replacements, apply_plan, clone_model, folded_copy
+    from bnfold.tracing import trace_execution
+
+    torch.manual_seed(0)
+    model = build().eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, size, size)
+    rules = build_rules(None)
+    recorded = rules.layer_types() | rules.norm_types()
+    plan = make_plan(model, trace_execution(model, (x,), recorded, recorded), rules)
+    assert plan.sites and not plan.kept, str(plan)
+    replaced = _replacements(model, plan, rules, {})
+    assert set(replaced) == {s.norm for s in plan.sites if s.kind in _REPLACING}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = clone_model(model)
+    apply_plan(expected, plan, rules, undoable=False)
+    actual = folded_copy(model, plan, rules)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    structure = [(name, type(m), m.training) for name, m in expected.named_modules(remove_duplicate=False)]
+    assert structure == [(name, type(m), m.training) for name, m in actual.named_modules(remove_duplicate=False)]
+    want, got = expected.state_dict(keep_vars=True), actual.state_dict(keep_vars=True)
+    assert list(want) == list(got)
+    for key, value in want.items():
+        assert torch.equal(value, got[key]), key
+        assert value.stride() == got[key].stride(), key
+        assert type(value) is type(got[key]) and value.requires_grad == got[key].requires_grad, key
+    with torch.no_grad():
+        assert torch.equal(expected(x), actual(x))

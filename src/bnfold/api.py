@@ -24,7 +24,7 @@ from .planner import make_plan
 from .report import FoldReport, largest_weight, model_size
 from .rules import AnyRule, RuleTable, build_rules
 from .running import inference
-from .surgery import Undo, apply_plan, clone_model, undo_all
+from .surgery import Undo, apply_plan, clone_model, folded_copy, undo_all
 from .tracing import retrace_symbolic, trace_execution, trace_symbolic
 from .verify import (
     Observed,
@@ -302,9 +302,11 @@ def _apply_and_run(
     refused: dict[str, str] = {}
     while True:
         run = runner(found)
-        target = model if inplace else clone_model(model)  # a failed copy is simply dropped
         try:
-            undo = apply_plan(target, found, rules, undoable=inplace)
+            if inplace:
+                target, undo = model, apply_plan(model, found, rules, undoable=True)
+            else:  # a failed copy is simply dropped
+                target, undo = folded_copy(model, found, rules), Undo(enabled=False)
         except FoldError as error:
             site = next((s for s in found.sites if s.norm == error.norm), None)
             if site is None:

@@ -52,9 +52,12 @@ class PlanContext:
     _affines: dict[tuple[int, Callable[..., Any]], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.modules = list(self.model.named_modules())
+        # one walk: every path (a module may have aliases); the first path of each module is its name, and
+        # those first paths in order are named_modules()
         for name, module in self.model.named_modules(remove_duplicate=False):
-            self.names.setdefault(id(module), name)
+            if id(module) not in self.names:
+                self.names[id(module)] = name
+                self.modules.append((name, module))
         for name, module in self.modules:
             for t in dict.fromkeys(p for p in module._parameters.values() if p is not None):
                 self.owners.setdefault(id(t), []).append(name)

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import FoldError, clean_message
 from .plan import FoldPlan, FoldSite
 from .rules import RuleTable
-from .surgery import apply_plan, clone_model
+from .surgery import folded_copy
 
 __all__ = ["Run", "refusal_name", "failure_reason", "first_breaking_fold"]
 
@@ -63,10 +63,8 @@ def first_breaking_fold(
 
 
 def _failure(model: nn.Module, plan: FoldPlan, rules: RuleTable, run: Run) -> BaseException | None:
-    copy = clone_model(model)
     try:
-        apply_plan(copy, plan, rules, undoable=False)
-        run(copy)
+        run(folded_copy(model, plan, rules))
     except Exception as error:
         return error
     return None

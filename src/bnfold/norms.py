@@ -34,6 +34,7 @@ __all__ = [
     "laid_out",
     "norm_act_replacement",
     "leaves_nothing",
+    "PURE_REPLACEMENTS",
     "FoldedNormAct",
     "batch_channel_axis",
     "last_channel_axis",
@@ -178,6 +179,11 @@ def _child(norm: nn.Module, name: str) -> nn.Module:
 def norm_act_replacement(norm: nn.Module) -> nn.Module:
     """timm's ``BatchNormAct2d`` family applies ``drop`` then ``act`` after normalizing: keep them."""
     return FoldedNormAct(_child(norm, "drop"), _child(norm, "act"))
+
+
+# Replacements that build a new module from what they read of the norm and change nothing: a folded copy may
+# build them from the original norm while it copies the model, instead of copying the norm first.
+PURE_REPLACEMENTS: frozenset[Callable[[nn.Module], nn.Module]] = frozenset({identity_replacement, norm_act_replacement})
 
 
 def leaves_nothing(replacement: Callable[[nn.Module], nn.Module], norm: nn.Module) -> bool:

@@ -23,14 +23,24 @@ from .constants import affine_of_op, constant_named, neutral_value
 from .errors import FoldError
 from .layers import CONVS, out_channels
 from .merged import MergedConv, build_conv
-from .norms import laid_out, require_tensor, tensor_attr
+from .norms import PURE_REPLACEMENTS, laid_out, require_tensor, tensor_attr
 from .plan import FoldKind, FoldPlan, FoldSite
 from .recipes import evaluate
 from .reparam import kept_program
 from .rules import FoldRule, RuleTable
 from .weights import effective_weight, weight_hook
 
-__all__ = ["clone_model", "apply_plan", "undo_all", "Undo", "ChannelScale", "ChannelAffine", "Surgery", "STEPS"]
+__all__ = [
+    "clone_model",
+    "apply_plan",
+    "folded_copy",
+    "undo_all",
+    "Undo",
+    "ChannelScale",
+    "ChannelAffine",
+    "Surgery",
+    "STEPS",
+]
 
 
 class Undo:
@@ -46,14 +56,15 @@ class Undo:
             self.steps.append(step)
 
 
-def clone_model(model: nn.Module) -> nn.Module:
-    """One deep copy of ``model``, also for models that ``copy.deepcopy`` refuses.
+def clone_model(model: nn.Module, made: dict[int, Any] | None = None) -> nn.Module:
+    """One deep copy of ``model``, also for models that ``copy.deepcopy`` refuses. ``made``: parts of the
+    copy made already (a deep-copy memo: id of the original's tensor or module -> what takes its place).
 
     Right after pruning with autograd on, a module's ``weight`` attribute is a non-leaf tensor
     (``weight_orig * weight_mask``), which deepcopy rejects; such derived tensors are copied detached
     (the pruning hook recomputes them on the next forward anyway).
     """
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = dict(made or {})
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, Tensor) and not value.is_leaf and not isinstance(value, nn.Parameter):
@@ -202,6 +213,8 @@ class Surgery:
     model: nn.Module
     rules: RuleTable
     undo: Undo
+    # folded norms a folded copy has replaced already (see folded_copy): name -> the original norm
+    replaced: dict[str, nn.Module] = field(default_factory=dict)
     modules: dict[str, nn.Module] = field(default_factory=dict)
     parents: dict[int, list[tuple[nn.Module, str]]] = field(default_factory=dict)
 
@@ -209,13 +222,20 @@ class Surgery:
         self.modules = dict(self.model.named_modules())
         self.parents = _parents(self.modules.values())
 
+    def norm(self, site: FoldSite) -> nn.Module:
+        """The norm ``site`` folds (the original's, where the copy holds its replacement already)."""
+        original = self.replaced.get(site.norm)
+        return self.modules[site.norm] if original is None else original
+
     def rule(self, site: FoldSite, partner: str) -> FoldRule:
-        rule = self.rules.rule_for(self.modules[partner], self.modules[site.norm], site.direction)
+        rule = self.rules.rule_for(self.modules[partner], self.norm(site), site.direction)
         if rule is None:  # the plan was made with these rules
             raise KeyError(f"no {site.direction} rule for '{partner}' and '{site.norm}'")
         return rule
 
     def replace_norm(self, site: FoldSite, rule: FoldRule) -> None:
+        if site.norm in self.replaced:
+            return
         norm = self.modules[site.norm]
         _replace(self.parents, norm, laid_out(rule.replacement(norm), site.memory_format), self.undo)
 
@@ -224,7 +244,7 @@ def _apply_backward(surgery: Surgery, site: FoldSite) -> None:
     """Scale the layer's output channels and map its bias; the norm gives way to its replacement."""
     (partner,) = site.partners
     rule = surgery.rule(site, partner)
-    scale, shift = rule.affine(surgery.modules[site.norm])
+    scale, shift = rule.affine(surgery.norm(site))
     _fold_output(surgery.modules[partner], scale, shift, rule.weight_layout, surgery.undo)
     surgery.replace_norm(site, rule)
 
@@ -234,7 +254,7 @@ def _apply_concat(surgery: Surgery, site: FoldSite) -> None:
     rule = None
     for partner, (start, stop) in zip(site.partners, site.slices, strict=True):
         rule = surgery.rule(site, partner)
-        scale, shift = rule.affine(surgery.modules[site.norm])
+        scale, shift = rule.affine(surgery.norm(site))
         _fold_output(surgery.modules[partner], scale[start:stop], shift[start:stop], rule.weight_layout, surgery.undo)
     if rule is not None:
         surgery.replace_norm(site, rule)
@@ -245,7 +265,7 @@ def _apply_forward(surgery: Surgery, site: FoldSite) -> None:
     rule = None
     for partner in site.partners:
         rule = surgery.rule(site, partner)
-        scale, shift = rule.affine(surgery.modules[site.norm])
+        scale, shift = rule.affine(surgery.norm(site))
         layer = surgery.modules[partner]
         groups = int(getattr(layer, "groups", 1))
         response = input_shift_response(effective_weight(layer), shift, rule.weight_layout, groups)
@@ -315,11 +335,19 @@ STEPS: dict[FoldKind, Callable[[Surgery, FoldSite], None]] = {
 }
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, rules: RuleTable, *, undoable: bool = True) -> Undo:
+def apply_plan(
+    model: nn.Module,
+    plan: FoldPlan,
+    rules: RuleTable,
+    *,
+    undoable: bool = True,
+    replaced: dict[str, nn.Module] | None = None,
+) -> Undo:
     """Fold every site of ``plan`` into ``model`` in place; return the log that undoes it (see undo_all).
-    With ``undoable=False`` nothing is recorded: for a copy that is discarded if anything fails."""
+    With ``undoable=False`` nothing is recorded: for a copy that is discarded if anything fails.
+    ``replaced``: the folded norms :func:`folded_copy` replaced while copying (name -> the original norm)."""
     undo = Undo(undoable)
-    surgery = Surgery(model, rules, undo)
+    surgery = Surgery(model, rules, undo, dict(replaced or {}))
     for site in plan.sites:
         try:
             STEPS[site.kind](surgery, site)
@@ -338,3 +366,54 @@ def undo_all(undo: Undo) -> None:
     for step in reversed(undo.steps):
         step()
     undo.steps.clear()
+
+
+# the kinds of fold whose norm gives way to its replacement (Surgery.replace_norm)
+_REPLACING: frozenset[FoldKind] = frozenset({"backward", "concat", "forward"})
+
+
+def _replacements(model: nn.Module, plan: FoldPlan, rules: RuleTable, memo: dict[int, Any]) -> dict[str, nn.Module]:
+    """Put, in the deep-copy ``memo``, each folded norm's replacement in the norm's place, so that copying
+    ``model`` does not copy the norm only to throw it away. Only for replacements that build a new module and
+    change nothing (:data:`~bnfold.norms.PURE_REPLACEMENTS`); the modules they take from the norm (its
+    activation) are copied with the same memo, as copying the model would. Returns name -> the original norm."""
+    replaced: dict[str, nn.Module] = {}
+    for site in plan.sites:
+        if site.kind not in _REPLACING or not site.partners:
+            continue
+        norm = model.get_submodule(site.norm)
+        # surgery replaces the norm by the rule of its last partner
+        rule = rules.rule_for(model.get_submodule(site.partners[-1]), norm, site.direction)
+        if rule is None or rule.replacement not in PURE_REPLACEMENTS or id(norm) in memo:
+            continue
+        try:
+            made = laid_out(rule.replacement(norm), site.memory_format)
+            _copy_taken(made, {id(m) for m in norm.modules()}, memo)
+        except Exception:  # apply_plan meets it again and says why
+            continue
+        made.train(norm.training)
+        memo[id(norm)] = made
+        replaced[site.norm] = norm
+    return replaced
+
+
+def _copy_taken(module: nn.Module, taken: set[int], memo: dict[int, Any]) -> None:
+    """Swap each module under ``module`` that is one of ``taken`` (the norm's) for its copy, made with
+    ``memo``."""
+    for key, child in module._modules.items():
+        if child is None:
+            continue
+        if id(child) in taken:
+            module._modules[key] = copy.deepcopy(child, memo)
+        else:
+            _copy_taken(child, taken, memo)
+
+
+def folded_copy(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> nn.Module:
+    """A copy of ``model`` with ``plan`` applied (``model`` is not changed), made without copying what
+    folding throws away: a folded norm is not copied but replaced as the model is copied."""
+    memo: dict[int, Any] = {}
+    replaced = _replacements(model, plan, rules, memo)
+    copy = clone_model(model, memo)
+    apply_plan(copy, plan, rules, undoable=False, replaced=replaced)
+    return copy
