@@ -65,6 +65,14 @@ class PlanContext:
     def name(self, module: nn.Module) -> str:
         return self.names.get(id(module), "?")
 
+    def module(self, name: str) -> nn.Module:
+        """The module named ``name`` (as ``model.get_submodule``, from the walk made once)."""
+        return self.by_name[name]
+
+    @cached_property
+    def by_name(self) -> dict[str, nn.Module]:
+        return dict(self.modules)
+
     def affine(self, rule: FoldRule, norm: nn.Module) -> tuple[Tensor, Tensor]:
         """The norm's float64 ``(scale, shift)`` by ``rule``, worked out once per plan and map (the model does
         not change while it is planned)."""

@@ -21,7 +21,7 @@ __all__ = ["norm_rows"]
 
 def norm_rows(ctx: PlanContext) -> list[PlanRow]:
     """One row per norm layer of the model, in the order the norms run (the order their folds apply)."""
-    graph, rules, model = ctx.graph, ctx.rules, ctx.model
+    graph, rules = ctx.graph, ctx.rules
     rows: dict[str, PlanRow] = {}
     claimed: dict[tuple[str, str], str] = {}  # (layer, direction) -> last norm folding into it
     listed: dict[type[nn.Module], bool] = {}  # whether a norm layer is a question about its class alone
@@ -52,7 +52,7 @@ def norm_rows(ctx: PlanContext) -> list[PlanRow]:
                 claimed[(partner, site.direction)] = name
             rows[name] = site
             if site.kind == "backward":
-                rule = rules.rule_for(model.get_submodule(site.partners[0]), norm, "backward")
+                rule = rules.rule_for(ctx.module(site.partners[0]), norm, "backward")
                 if rule is not None and leaves_nothing(rule.replacement, norm):
                     ctx.transparent.add(name)  # a later norm may read through it into the same layer
         except Kept as keep:
@@ -84,7 +84,8 @@ def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:
         raise Kept(own_reason)
     call = ctx.graph.calls[calls[0]]
     layout = _replacement_format(call)
-    return replace(_fold(norm, call, ctx), memory_format=layout)
+    site = _fold(norm, call, ctx)
+    return site if layout is None else replace(site, memory_format=layout)
 
 
 def _replacement_format(call: Call) -> str | None:

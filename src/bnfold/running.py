@@ -15,8 +15,10 @@ __all__ = ["inference", "seeded", "preserved_buffers"]
 @contextlib.contextmanager
 def seeded(model: nn.Module, seed: int = 0) -> Iterator[None]:
     """Run with a fixed RNG seed and leave the caller's RNG state as it was."""
-    params = (p for m in model.modules() for p in m._parameters.values() if p is not None)
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    devices: list[int] = []
+    if torch.cuda.is_initialized():  # CUDA generators exist only once CUDA is in use
+        params = (p for m in model.modules() for p in m._parameters.values() if p is not None)
+        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
