@@ -296,7 +296,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         *([f"![speed-up]({plots[0]})", ""] if plots else []),
         "## Cost of folding",
         "",
-        "Fold time of the call as its users make it (measured in the benchmark process, after warm-up; "
+        "Fold time of the call as its users make it (median of 3 calls in the benchmark process, each on its own "
+        "copy of the model; "
         "bnfold's time includes copying the model, running it to trace and running the copy to check the outputs), "
         "the same in units of the model's own forward time (fwd: the original's batch-1 latency above), "
         "and peak extra resident memory of the call (measured in a fresh process per tool and model). "
