@@ -16,6 +16,7 @@ tensor it replaces, so folding adds one rounding per weight, not one per step.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -104,23 +105,25 @@ def _scaled(weight: Tensor, scale: Tensor, layout: Layout, groups: int, axis: st
     written into ``out`` when given (``weight`` itself included: each chunk is read before it is written)."""
     _check_layout(layout)
     device = _work_device(weight)
-    w = weight.detach().to(device)
+    w = weight.detach() if weight.device == device else weight.detach().to(device)
     factor = _channel_factor(w.shape, _f64(scale, device), layout, groups, axis)
     factor = factor.reshape(*factor.shape, *([1] * (w.dim() - 2)))
     target = out.detach() if out is not None and out.device == device else None
     result = target if target is not None else torch.empty(w.shape, dtype=w.dtype, device=device)
     # on an accelerator one pass is faster than many small ones
-    step = max(1, _CHUNK // max(1, w[0].numel())) if device.type == "cpu" else max(1, w.shape[0])
-    buffer = torch.empty((min(step, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=device)
-    sources, dests = w.split(step), result.split(step)
-    factors = [factor] * len(sources) if factor.shape[0] == 1 else factor.split(step)
-    for source, f, dest in zip(sources, factors, dests, strict=True):
-        part = buffer if source.shape[0] == buffer.shape[0] else buffer[: source.shape[0]]
-        # widen the weight's values exactly, multiply in float64, round once: three vectorized passes in cache
-        # (faster than one mixed-dtype multiply)
-        part.copy_(source)
-        part.mul_(f)
-        dest.copy_(part)
+    rows = w.shape[0]
+    step = max(1, _CHUNK // max(1, math.prod(w.shape[1:]))) if device.type == "cpu" else max(1, rows)
+    buffer = torch.empty((min(step, rows), *w.shape[1:]), dtype=torch.float64, device=device)
+    # widen the weight's values exactly, multiply in float64, round once: three vectorized passes in cache
+    # (faster than one mixed-dtype multiply)
+    if step >= rows:  # one chunk
+        result.copy_(buffer.copy_(w).mul_(factor))
+    else:
+        sources, dests = w.split(step), result.split(step)
+        factors = [factor] * len(sources) if factor.shape[0] == 1 else factor.split(step)
+        for source, f, dest in zip(sources, factors, dests, strict=True):
+            part = buffer if source.shape[0] == buffer.shape[0] else buffer[: source.shape[0]]
+            dest.copy_(part.copy_(source).mul_(f))
     if out is not None and target is None:
         out.detach().copy_(result)
         return out
