@@ -463,3 +463,32 @@ def test_custom_affine_module_taught_with_a_rule_as_in_the_guide():
     )
     result = check_fold(model, torch.randn(3, 4), folded=1, kept=0, extra_rules=[rule])
     assert isinstance(result.model[1], nn.Identity)
+
+
+class _NormInAList(nn.Module):
+    """The forward calls the norm through a plain list attribute, not through its registered name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.norms = [self.bn]  # not a registered child: folding in place cannot reach it there
+
+    def forward(self, x):
+        return self.norms[0](self.conv(x))
+
+
+def test_a_norm_also_held_outside_the_module_tree():
+    """A folded copy is made with the norm's replacement wherever the model holds the norm, so it folds; folding
+    in place can replace only registered children, so the norm in the list would still run after its fold: the
+    check sees it and refuses, and the model is left as it was."""
+    torch.manual_seed(0)
+    model = _NormInAList().eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 8, 8)
+    result = check_fold(model, x, folded=1, kept=0, randomize=False)
+    assert type(result.model.norms[0]) is nn.Identity and result.model.norms[0] is result.model.bn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(bnfold.VerificationError, match="'bn'"):
+        bnfold.fold(model, x, inplace=True)
+    assert type(model.bn) is nn.BatchNorm2d and model.norms[0] is model.bn
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

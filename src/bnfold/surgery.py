@@ -414,6 +414,6 @@ def folded_copy(model: nn.Module, plan: FoldPlan, rules: RuleTable) -> nn.Module
     folding throws away: a folded norm is not copied but replaced as the model is copied."""
     memo: dict[int, Any] = {}
     replaced = _replacements(model, plan, rules, memo)
-    copy = clone_model(model, memo)
-    apply_plan(copy, plan, rules, undoable=False, replaced=replaced)
-    return copy
+    folded = clone_model(model, memo)
+    apply_plan(folded, plan, rules, undoable=False, replaced=replaced)
+    return folded
