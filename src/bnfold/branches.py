@@ -419,9 +419,8 @@ def find_branches(ctx: PlanContext) -> list[Branches | Kept]:
             if split is None:
                 continue  # a residual sum of values from different places: not parallel branches
             result = split
-        if (
-            unknown_reason(result.recipe) is None
-        ):  # (else it stays whole, and sums inside it may still merge on their own)
+        # a sum with a branch no module computes stays whole, and sums inside it may still merge on their own
+        if unknown_reason(result.recipe) is None:
             covered |= result.calls - result.opaque  # a kept branch's modules may hold branches of their own
         found.append(_branches(result, call.outputs[0], analysis))
     return found

@@ -49,7 +49,10 @@ class PlanContext:
     # folds to keep whatever the passes find (norm, constant or merged block -> the reason): folds that made
     # the folded model fail to run
     refused: dict[str, str] = field(default_factory=dict)
-    _affines: dict[tuple[int, Callable[..., Any]], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # each norm's float64 map by the rule's function (see affine)
+    _affines: dict[tuple[int, Callable[..., Any]], tuple[Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         # one walk: every path (a module may have aliases); the first path of each module is its name, and

@@ -333,6 +333,8 @@ STEPS: dict[FoldKind, Callable[[Surgery, FoldSite], None]] = {
     "merge": _apply_merge,
     "merged": _apply_merged,
 }
+# the kinds whose step gives the norm's place to its replacement (Surgery.replace_norm)
+_REPLACING: frozenset[FoldKind] = frozenset({"backward", "concat", "forward"})
 
 
 def apply_plan(
@@ -366,10 +368,6 @@ def undo_all(undo: Undo) -> None:
     for step in reversed(undo.steps):
         step()
     undo.steps.clear()
-
-
-# the kinds of fold whose norm gives way to its replacement (Surgery.replace_norm)
-_REPLACING: frozenset[FoldKind] = frozenset({"backward", "concat", "forward"})
 
 
 def _replacements(model: nn.Module, plan: FoldPlan, rules: RuleTable, memo: dict[int, Any]) -> dict[str, nn.Module]:
