@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bnfold  # noqa: E402
 from bnfold import api  # noqa: E402
-from bnfold.rules import build_rules  # noqa: E402
-from bnfold.surgery import apply_plan, clone_model  # noqa: E402
+from bnfold.apply.surgery import apply_plan, clone_model  # noqa: E402
+from bnfold.rules.table import build_rules  # noqa: E402
 
 from zoo import ZOO, build, by_name, input_for  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Measure how far folded and unfolded float32 models are from a float64 run of the original, on models that
-amplify float rounding: the evidence for ``bnfold.verify.FLOAT64_FACTOR``.
+amplify float rounding: the evidence for ``bnfold.check.verify.FLOAT64_FACTOR``.
 
     python bench/float64_factor.py            # about 2 minutes on 2 cores
 
@@ -24,9 +24,9 @@ from torch import nn
 
 import bnfold
 from bnfold import api
-from bnfold.rules import build_rules, norm_affine
+from bnfold.check.verify import compare_observed, judge_float64
+from bnfold.rules.table import build_rules, norm_affine
 from bnfold.testing import randomize_norms
-from bnfold.verify import compare_observed, judge_float64
 
 
 class Amplifier(nn.Module):

@@ -15,8 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 import bnfold
-from bnfold import compat
-from bnfold.norms import FoldedNormAct
+from bnfold.rules import third_party as compat
+from bnfold.rules.norms import FoldedNormAct
 
 
 @dataclass

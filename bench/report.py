@@ -425,7 +425,7 @@ def _check_sections(out: Path) -> list[str]:
             "",
             "When the folded model's float32 outputs differ from the original's beyond tolerance, bnfold runs the "
             "original once in float64 and accepts the fold only if the folded model is no further from that run "
-            "than the original's own float32 outputs are, within a factor (`bnfold.verify.FLOAT64_FACTOR`), and "
+            "than the original's own float32 outputs are, within a factor (`bnfold.check.verify.FLOAT64_FACTOR`), and "
             "every folded layer matches on the original's own inputs. The ratio of the two distances, on models "
             f"that amplify rounding ({factor['seeds']} seeds each; `python bench/float64_factor.py`), for exact folds "
             "and for folds made wrong by 1%:",

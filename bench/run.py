@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bnfold  # noqa: E402
-from bnfold.nested import iter_tensors  # noqa: E402
+from bnfold.discover.nested import iter_tensors  # noqa: E402
 
 from peers import LIMIT, Peer, norm_count, peers  # noqa: E402
 from zoo import QUICK, SCALING, ZOO, BenchModel, build, input_for  # noqa: E402

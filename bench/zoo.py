@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bnfold.cli.zoo import build_named_model
 from bnfold.testing import randomize_norms
-from bnfold.zoo import build_named_model
 
 
 @dataclass(frozen=True)

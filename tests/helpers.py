@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnfold.nested import leaves
+from bnfold.discover.nested import leaves
 from bnfold.testing import randomize_norms
 
 __all__ = ["randomize_norms", "max_rel_diff", "state_snapshot", "assert_same_state", "check_fold", "Chain", "Model"]

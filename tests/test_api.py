@@ -104,7 +104,7 @@ def test_plan_changes_nothing_and_prints_a_table():
 # -- verification ------------------------------------------------------------------------------------
 def _wrong_rule() -> bnfold.FoldRule:
     def wrong_affine(norm):
-        scale, shift = bnfold.norms.norm_affine(norm)
+        scale, shift = bnfold.rules.norms.norm_affine(norm)
         return scale * 2, shift
 
     return bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, affine=wrong_affine)

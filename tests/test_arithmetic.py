@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
-from bnfold.arithmetic import scale_output_channels
+from bnfold.apply.fold_arithmetic import scale_output_channels
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -233,7 +233,7 @@ def test_constant_of_a_module_that_another_op_also_reads_is_kept():
 
 def test_a_torch_module_with_parameters_is_still_one_step():
     """PReLU is recorded as one call, as before: only a class defined outside torch is looked into."""
-    from bnfold.tracing import trace_execution
+    from bnfold.discover.tracing import trace_execution
 
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), conv_scale().scale).eval()
     graph = trace_execution(model, (torch.randn(1, 3, 4, 4),), {nn.Conv2d}, {nn.Conv2d})

@@ -14,7 +14,8 @@ import torchvision
 from torch import nn
 
 import bnfold
-from bnfold import checkpoint, records
+from bnfold.apply import records
+from bnfold.io import checkpoint
 
 from helpers import randomize_norms, state_snapshot
 

@@ -142,7 +142,7 @@ def test_detection_and_video_architectures_build_without_downloads(monkeypatch):
         raise AssertionError("tried to download weights")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    from bnfold.zoo import build_named_model
+    from bnfold.cli.zoo import build_named_model
 
     detector = build_named_model(
         "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -563,7 +563,7 @@ def _installed_command(tmp_path: Path) -> Path:
     folder on sys.path."""
     launcher = tmp_path / "bin" / "bnfold_launcher.py"
     launcher.parent.mkdir()
-    launcher.write_text("import sys\nfrom bnfold.cli import main\nsys.exit(main())\n")
+    launcher.write_text("import sys\nfrom bnfold.cli.main import main\nsys.exit(main())\n")
     return launcher
 
 
@@ -614,7 +614,7 @@ def _imports_torch(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[s
         [sys.executable, "-X", "importtime", "-m", "bnfold", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
-    assert "bnfold.cli" in imported  # the command really ran
+    assert "bnfold.cli.main" in imported  # the command really ran
     return done, any(name == "torch" or name.startswith("torch.") for name in imported)
 
 

@@ -314,7 +314,7 @@ def test_subclass_that_only_changes_construction_folds_like_its_base():
     result = check_fold(model, torch.randn(2, 3, 8, 8), folded=2, kept=0)
     assert [s.norm_type for s in result.report.plan.sites] == ["MyBN", "BatchNorm2d"]
     assert [s.partner_types for s in result.report.plan.sites] == [("MyConv",), ("MyConv",)]
-    assert bnfold.classes.type_chain(model[0]) == (MyConv, nn.Conv2d)
+    assert bnfold.rules.classes.type_chain(model[0]) == (MyConv, nn.Conv2d)
 
 
 def test_subclass_that_changes_computation_needs_its_own_rule_and_extra_rules_teach_it():
@@ -327,7 +327,7 @@ def test_subclass_that_changes_computation_needs_its_own_rule_and_extra_rules_te
     assert "no fold rule for ScaledBN" in result.report.plan.kept[0].reason
 
     def doubled(norm):
-        scale, shift = bnfold.norms.norm_affine(norm)
+        scale, shift = bnfold.rules.norms.norm_affine(norm)
         return 2 * scale, 2 * shift
 
     rule = bnfold.FoldRule(nn.Conv2d, ScaledBN, affine=doubled)

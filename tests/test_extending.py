@@ -8,11 +8,14 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold import layercheck, ops, planner, surgery
-from bnfold.checks import Kept, PlanContext, layer_reason
-from bnfold.classes import layer_type
-from bnfold.layercheck import ProbeRole
-from bnfold.plan import FoldSite, KeptNorm, PlanRow
+from bnfold.apply import surgery
+from bnfold.check import per_layer as layercheck
+from bnfold.check.per_layer import ProbeRole
+from bnfold.planning import planner
+from bnfold.planning.context import Kept, PlanContext, layer_reason
+from bnfold.planning.fold_plan import FoldSite, KeptNorm, PlanRow
+from bnfold.rules import ops
+from bnfold.rules.classes import layer_type
 
 from helpers import Chain, check_fold
 

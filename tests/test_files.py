@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bnfold import files
-from bnfold.files import OutputSet
+from bnfold.io import output_files as files
+from bnfold.io.output_files import OutputSet
 
 
 def test_a_failed_rename_puts_back_every_file_of_the_set(tmp_path, monkeypatch):

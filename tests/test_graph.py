@@ -71,7 +71,7 @@ def test_bnfold_works_without_torchvision_and_timm(tmp_path):
         m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
         folded = bnfold.fold(m, torch.randn(1, 3, 8, 8))
         assert isinstance(folded[1], nn.Identity)
-        print("ok", bnfold.compat.norm_act_types(), bnfold.compat.frozen_batchnorm_types())
+        print("ok", bnfold.rules.third_party.norm_act_types(), bnfold.rules.third_party.frozen_batchnorm_types())
         """
     )
     source = os.path.dirname(os.path.dirname(bnfold.__file__))  # this checkout's bnfold, not another one
@@ -152,7 +152,7 @@ def test_a_write_through_an_alias_of_the_weight_is_a_use_of_the_weight():
 
 def test_symbolic_effects_name_only_what_is_known_safe():
     """What a torch.fx call may do to its inputs' memory: anything not known to be safe may alias and write."""
-    from bnfold.aliasing import Effect, effect_of_function, effect_of_module
+    from bnfold.discover.aliasing import Effect, effect_of_function, effect_of_module
 
     class Mine(nn.Module):
         def forward(self, x):

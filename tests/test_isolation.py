@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.norms import Contiguous, FoldedNormAct
+from bnfold.rules.norms import Contiguous, FoldedNormAct
 
 from helpers import Chain, Model, assert_same_state, check_fold, randomize_norms, state_snapshot
 

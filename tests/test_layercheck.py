@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import bnfold
-from bnfold.layercheck import probes_for
+from bnfold.check.per_layer import probes_for
 
 from cli_models import Amplifier
 from helpers import Model, assert_same_state, max_rel_diff, randomize_norms, state_snapshot
@@ -19,7 +19,7 @@ def _wrong_rule():
     """A rule with a wrong affine map: what a bug in a fold would look like."""
 
     def doubled(norm):
-        scale, shift = bnfold.norms.norm_affine(norm)
+        scale, shift = bnfold.rules.norms.norm_affine(norm)
         return 2 * scale, shift
 
     return bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, affine=doubled)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision  # noqa: F401 - registers torchvision's Permute module type with bnfold.compat
+import torchvision  # noqa: F401 - registers torchvision's Permute module type with bnfold.rules.third_party
 from torch import nn
 
 import bnfold
-from bnfold.ops import op_table
+from bnfold.rules.ops import op_table
 
 from helpers import Chain, check_fold, randomize_norms
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.recipes import Layer, Source, Sum, structure
+from bnfold.reparam.recipes import Layer, Source, Sum, structure
 
 from helpers import assert_same_state, randomize_norms, state_snapshot
 

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.graph import DataFlowGraph
-from bnfold.tracing import trace_execution
-from bnfold.verify import (
+from bnfold.check.verify import (
     FLOAT64_FACTOR,
     MAGNITUDE_CAP,
     Observed,
@@ -18,6 +16,8 @@ from bnfold.verify import (
     compare_observed,
     judge_float64,
 )
+from bnfold.discover.graph import DataFlowGraph
+from bnfold.discover.tracing import trace_execution
 
 from helpers import randomize_norms
 
@@ -103,7 +103,7 @@ def test_integers_that_agree_while_their_floats_do_not_are_a_wrong_fold():
 
 def test_a_fold_that_keeps_the_argmax_but_changes_the_logits_is_refused():
     def doubled(norm):  # scale and shift doubled: every logit doubles, no argmax moves
-        scale, shift = bnfold.rules.norm_affine(norm)
+        scale, shift = bnfold.rules.table.norm_affine(norm)
         return 2 * scale, 2 * shift
 
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def test_a_plan_that_misreads_the_data_flow_is_refused_although_every_folded_lay
     x = torch.randn(64, 4)
     # make the tracer blind to the write again (as it was before issue 10), so the plan folds bn into fc1
     monkeypatch.setattr(DataFlowGraph, "changed_later", lambda self, key, reader: False)
-    monkeypatch.setattr(bnfold.tracing._ExecutionTracer, "attach_writes", lambda self, call, writes: None)
+    monkeypatch.setattr(bnfold.discover.tracing._ExecutionTracer, "attach_writes", lambda self, call, writes: None)
     assert [s.direction for s in bnfold.plan(model, x).sites] == ["forward"]
     with pytest.raises(bnfold.VerificationError, match="how they are connected") as caught:
         bnfold.fold(model, x)

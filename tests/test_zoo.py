@@ -106,7 +106,7 @@ def test_timm_zoo_covers_batchnormact2d():
     assert len(norm_acts) == 49
     folded = bnfold.fold(model, torch.randn(1, 3, 64, 64))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    assert sum(isinstance(m, bnfold.norms.FoldedNormAct) for m in folded.modules()) == 49
+    assert sum(isinstance(m, bnfold.rules.norms.FoldedNormAct) for m in folded.modules()) == 49
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
@@ -257,10 +257,10 @@ class _NormActOnATranspose(nn.Module):
 def test_folded_copy_is_copying_then_folding_bit_for_bit(build, size):
     """A folded copy does not copy what folding throws away: it puts each folded norm's replacement in its
     place as it copies. The result must be exactly what copying, then folding, gives."""
-    from bnfold.planner import make_plan
-    from bnfold.rules import build_rules
-    from bnfold.surgery import _REPLACING, _replacements, apply_plan, clone_model, folded_copy
-    from bnfold.tracing import trace_execution
+    from bnfold.apply.surgery import _REPLACING, _replacements, apply_plan, clone_model, folded_copy
+    from bnfold.discover.tracing import trace_execution
+    from bnfold.planning.planner import make_plan
+    from bnfold.rules.table import build_rules
 
     torch.manual_seed(0)
     model = build().eval()

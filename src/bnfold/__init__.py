@@ -9,8 +9,6 @@ exactly and safely, in any PyTorch model.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -23,18 +21,18 @@ _EXPORTS = {
     "fold_with_report": "api",
     "FoldResult": "api",
     "BN_Folder": "api",
-    "FoldPlan": "plan",
-    "FoldSite": "plan",
-    "KeptNorm": "plan",
+    "FoldPlan": "planning.fold_plan",
+    "FoldSite": "planning.fold_plan",
+    "KeptNorm": "planning.fold_plan",
     "FoldReport": "report",
-    "FoldRule": "rules",
-    "NormRule": "norms",
-    "LayerRule": "layers",
-    "MergedConv": "merged",
-    "compare_latency": "latency",
-    "Latency": "latency",
-    "save_folded": "checkpoint",
-    "load_folded": "checkpoint",
+    "FoldRule": "rules.table",
+    "NormRule": "rules.norms",
+    "LayerRule": "rules.layers",
+    "MergedConv": "reparam.merged_conv",
+    "compare_latency": "check.latency",
+    "Latency": "check.latency",
+    "save_folded": "io.checkpoint",
+    "load_folded": "io.checkpoint",
     "BnfoldError": "errors",
     "TraceError": "errors",
     "FoldError": "errors",
@@ -70,15 +68,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import BN_Folder, FoldResult, fold, fold_with_report, plan
-    from .checkpoint import load_folded, save_folded
+    from .check.latency import Latency, compare_latency
     from .errors import BnfoldError, CheckpointError, FoldError, TraceError, VerificationError
-    from .latency import Latency, compare_latency
-    from .layers import LayerRule
-    from .merged import MergedConv
-    from .norms import NormRule
-    from .plan import FoldPlan, FoldSite, KeptNorm
+    from .io.checkpoint import load_folded, save_folded
+    from .planning.fold_plan import FoldPlan, FoldSite, KeptNorm
+    from .reparam.merged_conv import MergedConv
     from .report import FoldReport
-    from .rules import FoldRule
+    from .rules.layers import LayerRule
+    from .rules.norms import NormRule
+    from .rules.table import FoldRule
 
 
 def __getattr__(name: str) -> Any:
@@ -99,16 +97,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
-
-
-class _Package(types.ModuleType):
-    """The package: importing a submodule that shares a public name (``bnfold.plan``) must not replace the
-    function of that name, as the import system would by setting the attribute."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -11,22 +11,10 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from . import compat
-from .errors import FoldError
-from .graph import DataFlowGraph
-from .isolate import Run, failure_reason, first_breaking_fold, refusal_name
-from .layercheck import Probes, Recording, compare, probes_for, record
-from .lineage import Lineage, LineageMode
-from .nested import detached_copy, iter_tensors
-from .norms import TRAINING_REASON
-from .plan import FoldPlan
-from .planner import make_plan
-from .report import FoldReport, largest_weight, model_size
-from .rules import AnyRule, RuleTable, build_rules
-from .running import inference
-from .surgery import Undo, apply_plan, clone_model, folded_copy, undo_all
-from .tracing import retrace_symbolic, trace_execution, trace_symbolic
-from .verify import (
+from .apply.surgery import Undo, apply_plan, clone_model, folded_copy, undo_all
+from .check.isolate import Run, failure_reason, first_breaking_fold, refusal_name
+from .check.per_layer import Probes, Recording, compare, probes_for, record
+from .check.verify import (
     Observed,
     OutputDiff,
     compare_observed,
@@ -34,6 +22,18 @@ from .verify import (
     layer_mismatch_error,
     output_mismatch_error,
 )
+from .discover.graph import DataFlowGraph
+from .discover.lineage import Lineage, LineageMode
+from .discover.nested import detached_copy, iter_tensors
+from .discover.running import inference
+from .discover.tracing import retrace_symbolic, trace_execution, trace_symbolic
+from .errors import FoldError
+from .planning.fold_plan import FoldPlan
+from .planning.planner import make_plan
+from .report import FoldReport, largest_weight, model_size
+from .rules import third_party as compat
+from .rules.norms import TRAINING_REASON
+from .rules.table import AnyRule, RuleTable, build_rules
 
 VerifyMode = Literal["outputs", "layers"]
 VERIFY_MODES = ("outputs", "layers")

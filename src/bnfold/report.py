@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from .plan import FoldPlan
+    from .planning.fold_plan import FoldPlan
 
 __all__ = ["FoldReport", "model_size", "largest_weight", "plan_rows", "render_plan", "render_report", "wrap_field"]
 

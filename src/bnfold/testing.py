@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from . import compat
+from .rules import third_party as compat
 
 __all__ = ["randomize_norms"]
 

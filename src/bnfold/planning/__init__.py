@@ -1,0 +1,2 @@
+"""Planning: the plan's types, the context every pass reads, and one pass per kind of transform. Nothing
+here touches the model."""
