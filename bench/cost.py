@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bnfold  # noqa: E402
-from bnfold import api  # noqa: E402
+from bnfold import pipeline  # noqa: E402
 from bnfold.apply.surgery import apply_plan, clone_model  # noqa: E402
+from bnfold.options import FoldOptions  # noqa: E402
 from bnfold.rules.table import build_rules  # noqa: E402
 
 from zoo import ZOO, build, by_name, input_for  # noqa: E402
@@ -41,7 +42,8 @@ def measure(name: str, runs: int = 7, clock: Callable[[], float] = time.perf_cou
     model = build(entry)
     x = input_for(entry)
     rules = build_rules(None)
-    plan, _ = api._plan(model, (x,), rules, stacklevel=1)
+    options = FoldOptions((x,), rules)
+    plan, _ = pipeline.plan_model(model, options, stacklevel=1)
     folded = clone_model(model)
     apply_plan(folded, plan, rules, undoable=False)
 
@@ -55,7 +57,7 @@ def measure(name: str, runs: int = 7, clock: Callable[[], float] = time.perf_cou
 
     steps: dict[str, Callable[[], Any]] = {
         "forward": forward,
-        "traced": lambda: api._discover(model, (x,), rules),
+        "traced": lambda: pipeline.discover(model, options),
         "copy": lambda: clone_model(model),
         "folded_forward": folded_forward,
         "fold": lambda: bnfold.fold(model, x),

@@ -23,8 +23,11 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold import api
-from bnfold.check.verify import compare_observed, judge_float64
+from bnfold import pipeline
+from bnfold.apply.surgery import apply_plan, clone_model
+from bnfold.check.strategy import observe, observe_float64
+from bnfold.check.verify import Observed, compare_observed, judge_float64
+from bnfold.options import FoldOptions
 from bnfold.rules.table import build_rules, norm_affine
 from bnfold.testing import randomize_norms
 
@@ -90,15 +93,15 @@ def ratios(name: str, seed: int, wrong: bool) -> list[tuple[float, float]]:
     args = inputs(torch.Generator().manual_seed(seed))
     args = args if isinstance(args, tuple) else (args,)
     rules = build_rules(_wrong_rules() if wrong else None)
-    plan, graph = api._plan(model, args, rules, stacklevel=1)
-    target = api.clone_model(model)
-    api.apply_plan(target, plan, rules, undoable=False)
-    reference = api.Observed(graph.reference_outputs, graph.output_sources, graph.output_magnitudes)
-    actual = api._observe(target, args, bool(reference.sources))
+    plan, graph = pipeline.plan_model(model, FoldOptions(args, rules), stacklevel=1)
+    target = clone_model(model)
+    apply_plan(target, plan, rules, undoable=False)
+    reference = Observed(graph.reference_outputs, graph.output_sources, graph.output_magnitudes)
+    actual = observe(target, args, bool(reference.sources))
     failed = [d for d in compare_observed(reference, actual) if not d.ok]
     if not failed:
         return []
-    float64 = api._observe_float64(model, args, bool(reference.sources))
+    float64 = observe_float64(model, args, bool(reference.sources))
     return [(j.unfolded, j.folded) for j in judge_float64(failed, reference, actual, float64)]
 
 

@@ -15,12 +15,15 @@ from typing import Any
 
 from torch import nn
 
-from ..apply.surgery import folded_copy
+from ..apply.surgery import Undo, apply_plan, folded_copy, undo_all
+from ..discover.graph import DataFlowGraph
 from ..errors import FoldError, clean_message
+from ..options import FoldOptions
 from ..planning.fold_plan import FoldPlan, FoldSite
+from ..planning.planner import make_plan
 from ..rules.table import RuleTable
 
-__all__ = ["Run", "refusal_name", "failure_reason", "first_breaking_fold"]
+__all__ = ["Run", "refusal_name", "failure_reason", "first_breaking_fold", "apply_until_it_runs"]
 
 Run = Callable[[nn.Module], Any]  # runs a folded model once, returns what the check needs
 
@@ -68,3 +71,55 @@ def _failure(model: nn.Module, plan: FoldPlan, rules: RuleTable, run: Run) -> Ba
     except Exception as error:
         return error
     return None
+
+
+def _failed_run(model: nn.Module, error: BaseException) -> FoldError:
+    """The folded model's own code relied on something folding removed."""
+    return FoldError(
+        f"the folded {type(model).__name__} fails where the original ran "
+        f"({type(error).__name__}: {error}); nothing was folded. Please report it with the model"
+    )
+
+
+def apply_until_it_runs(
+    model: nn.Module,
+    graph: DataFlowGraph,
+    found: FoldPlan,
+    options: FoldOptions,
+    runner: Callable[[FoldPlan], Run],
+) -> tuple[nn.Module, Undo, FoldPlan, Any]:
+    """Fold ``found`` into ``model`` (or a copy, by ``options.inplace``) and run the result once with
+    ``runner``'s run for that plan. A fold that cannot be applied, or that makes the run fail, is kept with the
+    reason, and the model is planned and folded again without it: one bad fold never blocks the others.
+    Returns the folded model, the undo log, the plan it follows and what the run gave."""
+    refused: dict[str, str] = {}
+    while True:
+        run = runner(found)
+        try:
+            if options.inplace:
+                target, undo = model, apply_plan(model, found, options.rules, undoable=True)
+            else:  # a failed copy is simply dropped
+                target, undo = folded_copy(model, found, options.rules), Undo(enabled=False)
+        except FoldError as error:
+            site = next((s for s in found.sites if s.norm == error.norm), None)
+            if site is None:
+                raise
+            failure: BaseException = error.__cause__ or error
+            applied = False
+        else:
+            try:
+                return target, undo, found, run(target)
+            except Exception as error:
+                undo_all(undo)
+                try:
+                    site, failure = first_breaking_fold(model, found, options.rules, run, error)
+                except FoldError:
+                    raise _failed_run(model, error) from error
+                applied = True
+        name = refusal_name(site)
+        if name in refused:  # planned again all the same: never loop
+            raise _failed_run(model, failure) from failure
+        refused[name] = failure_reason(site, failure, applied)
+        found = make_plan(
+            model, graph, options.rules, reparameterize=options.reparameterize, refused=refused, hints=options.hints
+        )
