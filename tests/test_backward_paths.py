@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold.planning.fold_plan import ReadThrough
 
 from helpers import Chain, Model, check_fold
 
@@ -81,7 +82,7 @@ def conv_bn_scale(*order: str) -> Model:
 def test_chain_of_norms_into_one_layer():
     result = check_fold(conv_bn_scale().eval(), torch.randn(2, 3, 8, 8), folded=2, kept=0)
     sites = {s.norm: s for s in result.report.plan.sites}
-    assert sites["scale"].partners == ("conv",) and sites["scale"].via == ("bn",)
+    assert sites["scale"].partners == ("conv",) and sites["scale"].payload == ReadThrough(("bn",))
     assert isinstance(result.model.bn, nn.Identity) and isinstance(result.model.scale, nn.Identity)
     # and the per-layer check follows the chain to its end
     checked = bnfold.fold_with_report(conv_bn_scale().eval(), torch.randn(2, 3, 8, 8), verify="layers")
@@ -115,7 +116,7 @@ def test_chain_without_example_inputs():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).eval()
     plan = bnfold.plan(model)
     assert plan.traced_with == "torch.fx"
-    assert [(s.norm, s.partners, s.via) for s in plan.sites] == [("1", ("0",), ()), ("2", ("0",), ("1",))]
+    assert [(s.norm, s.partners, s.payload.via) for s in plan.sites] == [("1", ("0",), ()), ("2", ("0",), ("1",))]
 
 
 @pytest.mark.parametrize(("name", "folded", "kept"), [("levit_128s", 52, 0), ("efficientformer_l1", 49, 17)])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold.planning.fold_plan import AppliedBy
 
 from helpers import Model, check_fold
 
@@ -149,7 +150,7 @@ def test_constant_reaches_the_op_through_reshapes(view):
         lambda m, x: m.conv(x) * view(m.gamma), conv=nn.Conv2d(3, 4, 3), gamma=nn.Parameter(torch.rand(4) + 0.5)
     )
     result = check_fold(model.eval(), torch.randn(2, 3, 6, 6), folded=1, kept=0)
-    assert result.report.plan.sites[0].kind == "constant" and result.report.plan.sites[0].op == "mul"
+    assert result.report.plan.sites[0].kind == "constant" and result.report.plan.sites[0].payload == AppliedBy("mul")
     assert torch.equal(result.model.gamma, torch.ones(4))
 
 
@@ -203,7 +204,12 @@ def test_constant_its_own_module_applies_folds(kwargs):
     model = conv_scale(**kwargs).eval()
     result = check_fold(model, torch.randn(2, 3, 6, 6), folded=1, kept=0)
     site = result.report.plan.sites[0]
-    assert (site.norm, site.kind, site.op, site.partners) == ("scale.gamma", "constant", "mul", ("conv",))
+    assert (site.norm, site.kind, site.payload, site.partners) == (
+        "scale.gamma",
+        "constant",
+        AppliedBy("mul"),
+        ("conv",),
+    )
     assert torch.equal(result.model.scale.gamma, torch.ones(4))
     assert not torch.equal(model.scale.gamma, torch.ones(4))  # the original is untouched
 

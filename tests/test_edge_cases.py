@@ -454,7 +454,7 @@ def test_custom_affine_module_taught_with_a_rule_as_in_the_guide():
     model = nn.Sequential(nn.Linear(4, 5), MyScale(5)).eval()
     # an unknown module is no norm, but the constants its own forward applies fold as channel-wise constants
     plain = check_fold(model, torch.randn(3, 4), folded=2, kept=0)
-    assert [(s.norm, s.kind, s.op) for s in plain.report.plan.sites] == [
+    assert [(s.norm, s.kind, s.payload.op) for s in plain.report.plan.sites] == [
         ("1.scale", "constant", "mul"),
         ("1.shift", "constant", "add"),
     ]

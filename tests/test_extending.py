@@ -4,14 +4,14 @@ step (and its role for the per-layer check)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from torch import nn
 
 import bnfold
 from bnfold.apply import surgery
-from bnfold.check import per_layer as layercheck
-from bnfold.check.per_layer import ProbeRole
-from bnfold.planning import planner
 from bnfold.planning.context import Kept, PlanContext, layer_reason
 from bnfold.planning.fold_plan import FoldSite, KeptNorm, PlanRow
 from bnfold.rules import ops
@@ -134,15 +134,88 @@ def _apply_gain(step: surgery.Surgery, site: FoldSite) -> None:
         parent._modules[attr] = nn.Identity()
 
 
-def test_a_new_kind_of_fold_is_one_pass_and_one_surgery_step(monkeypatch):
-    monkeypatch.setattr(planner, "PASSES", (*planner.PASSES, _gain_rows))
-    monkeypatch.setitem(surgery.STEPS, "gain", _apply_gain)
-    monkeypatch.setitem(layercheck.PROBE_ROLES, "gain", ProbeRole("after"))
+GAIN = bnfold.FoldKind("gain", _apply_gain, bnfold.ProbeRole("after"), _gain_rows, order=40)
+
+
+def test_a_new_kind_of_fold_is_one_registered_object():
     model = Chain(nn.Conv2d(3, 4, 3), Gain(), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)).eval()
     x = torch.randn(2, 3, 8, 8)
-    result = check_fold(model, x, folded=2, kept=0)
+    assert [s.kind for s in bnfold.plan(model, x).sites] == ["backward"]  # unknown without the kind
+    result = check_fold(model, x, folded=2, kept=0, extra_kinds=[GAIN])
     assert sorted(s.kind for s in result.report.plan.sites) == ["backward", "gain"]
     assert isinstance(result.model.s1, nn.Identity) and isinstance(model.s1, Gain)
-    layers = bnfold.fold_with_report(model, x, verify="layers")  # the per-layer check knows the new kind
+    layers = bnfold.fold_with_report(model, x, verify="layers", extra_kinds=[GAIN])  # the per-layer check knows it
     assert layers.report.checked == "layers" and layers.report.max_abs_error < 1e-5
-    assert "gain" in str(result.report.plan) or "<- s0" in str(result.report.plan)
+    assert ["s1", "Gain", "folded", "<-", "s0"] in [line.split() for line in str(result.report.plan).splitlines()]
+    assert [s.kind for s in bnfold.plan(model, x).sites] == ["backward"]  # nothing was registered for good
+
+
+def test_a_kind_is_checked_when_it_is_given():
+    with pytest.raises(ValueError, match="a kind named 'backward' exists already"):
+        bnfold.fold(nn.Linear(2, 2), torch.randn(1, 2), extra_kinds=[dataclasses.replace(GAIN, name="backward")])
+    with pytest.raises(TypeError, match="extra_kinds must be a list of FoldKind"):
+        bnfold.plan(nn.Linear(2, 2), torch.randn(1, 2), extra_kinds=GAIN)
+    with pytest.raises(TypeError, match="probe must be a ProbeRole"):
+        bnfold.FoldKind("x", _apply_gain, "after")  # type: ignore[arg-type]
+
+
+def _balance_rows(ctx: PlanContext) -> list[PlanRow]:
+    """A kind over several layers: a positive per-channel scale moved from a conv's output channels, across
+    the ReLU that reads it, to the input channels of the conv that reads the ReLU (exact: relu(s x) = s relu(x)
+    for s > 0). The row is named for the ReLU it crosses."""
+    rows: list[PlanRow] = []
+    graph = ctx.graph
+    for call in graph.calls:
+        if call.kind != "module" or type(call.module) is not nn.ReLU:
+            continue
+        source = graph.calls[graph.producer[call.inputs[0]]]
+        readers = [graph.calls[i] for i in graph.consumers.get(call.outputs[0], [])]
+        convs = [source.module, *(r.module for r in readers)]
+        if len(readers) == 1 and all(type(m) is nn.Conv2d and m.groups == 1 for m in convs):
+            names = tuple(ctx.name(m) for m in convs)
+            rows.append(FoldSite(ctx.name(call.module), "ReLU", names, ("Conv2d", "Conv2d"), "balance"))
+    return rows
+
+
+def _apply_balance(step: surgery.Surgery, site: FoldSite, compensate: bool = True) -> None:
+    producer, consumer = (step.modules[name] for name in site.partners)
+    r1 = producer.weight.detach().double().abs().amax(dim=(1, 2, 3))
+    r2 = consumer.weight.detach().double().abs().amax(dim=(0, 2, 3))
+    s = torch.sqrt(r1 * r2) / r2  # equal ranges on both sides
+    s_in = s if compensate else torch.ones_like(s)
+    for t, scale in (
+        (producer.weight, 1 / s.view(-1, 1, 1, 1)),
+        (producer.bias, 1 / s),
+        (consumer.weight, s_in.view(1, -1, 1, 1)),
+    ):
+        old = t.detach().clone()
+        with torch.no_grad():
+            t.copy_((t.double() * scale).to(t.dtype))
+        step.undo.append(lambda t=t, old=old: t.data.copy_(old))
+
+
+BALANCE = bnfold.FoldKind("balance", _apply_balance, bnfold.ProbeRole("span"), _balance_rows, residue="none")
+
+
+def test_a_kind_that_spans_several_layers_is_probed_from_the_first_to_the_last():
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3)
+    with torch.no_grad():
+        first.weight.mul_(torch.logspace(-2, 1, 6).view(-1, 1, 1, 1))  # ranges spread over three decades
+    model = Chain(first, nn.ReLU(), second).eval()
+    x = torch.randn(2, 3, 12, 12)
+    result = check_fold(model, x, folded=1, kept=0, randomize=False, extra_kinds=[BALANCE])
+    r1 = result.model.s0.weight.detach().abs().amax(dim=(1, 2, 3))
+    r2 = result.model.s2.weight.detach().abs().amax(dim=(0, 2, 3))
+    assert torch.allclose(r1, r2, rtol=1e-5)  # each channel's range is the same on both sides now
+    assert r1.max() / r1.min() < 40  # three decades of spread became one and a half
+    layers = bnfold.fold_with_report(model, x, verify="layers", extra_kinds=[BALANCE])
+    assert layers.report.checked == "layers" and layers.report.max_rel_error < 1e-5
+    # a wrong scale (the consumer not compensated) is caught by the per-layer check of the span
+    before = first.weight.detach().clone()
+    broken = dataclasses.replace(BALANCE, step=lambda step, site: _apply_balance(step, site, compensate=False))
+    with pytest.raises(bnfold.VerificationError):
+        bnfold.fold(model, x, verify="layers", extra_kinds=[broken])
+    with pytest.raises(bnfold.VerificationError):
+        bnfold.fold(model, x, inplace=True, extra_kinds=[broken])
+    assert torch.equal(model.s0.weight, before)  # the failed fold in place was undone

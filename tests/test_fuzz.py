@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import fuzz  # noqa: E402
+from bnfold.reparam.merge_recipe import MergeRecipe
 
 PROGRAMS = 600  # about 25 s on 2 cores
 
@@ -73,7 +74,7 @@ def test_programs_fold_many_kinds_of_sites():
             warnings.simplefilter("ignore")
             plan = bnfold.plan(program, x, reparameterize=case.options.reparameterize)
         kinds |= {s.kind for s in plan.sites}
-        kinds |= {"partial merge" for s in plan.sites if s.merge is not None and s.merge.kept}
+        kinds |= {"partial merge" for s in plan.sites if isinstance(s.payload, MergeRecipe) and s.payload.kept}
     assert {"backward", "forward", "constant", "merge", "partial merge"} <= kinds, kinds
 
 

@@ -388,7 +388,7 @@ def partial(block: nn.Module, x: torch.Tensor = X, *, runs: tuple[int, int], kep
         assert reason in row.reason and row.reason.startswith("runs beside the merged convolution of '0'"), row.reason
     (site,) = [s for s in result.report.plan.sites if s.kind == "merge"]
     count = len(kept)
-    assert site.merge.result.endswith(f" + {count} kept branch{'es' if count > 1 else ''}"), site.merge.result
+    assert site.payload.result.endswith(f" + {count} kept branch{'es' if count > 1 else ''}"), site.payload.result
     merged = result.model[0]
     assert isinstance(merged, bnfold.MergedConv) and len(merged.kept_branches) == count
     plain = bnfold.fold(nn.Sequential(block).double().eval(), x.double()).state_dict()  # no merge: folds only
@@ -419,7 +419,7 @@ def test_partial_merge_keeps_a_branch_with_an_activation():
     result = partial(RepVGGWithActivatedBranch(), runs=(2, 0), kept=["'0.rbr_act' (Sequential) is not linear"])
     (site,) = [s for s in result.report.plan.sites if s.kind == "merge"]
     assert "0.rbr_identity" in site.partners and not any(p.startswith("0.rbr_act") for p in site.partners)
-    assert site.merge.result == "Conv2d(8 -> 8, 3x3) + 1 kept branch"
+    assert site.payload.result == "Conv2d(8 -> 8, 3x3) + 1 kept branch"
     text = str(result.report.plan)
     assert "=> Conv2d(8 -> 8, 3x3) + 1 kept branch" in text and "0.rbr_act (branch)" in text
     merged = result.model[0]
@@ -696,7 +696,7 @@ def test_off_by_default_and_the_reason_says_what_it_would_do():
     assert "reparameterize=True would merge it" in identity.reason
     merged = bnfold.plan(model, X, reparameterize=True)
     (site,) = [s for s in merged.sites if s.kind == "merge"]
-    assert site.norm == "0" and "0.rbr_identity" in site.partners and site.merge.result == "Conv2d(8 -> 8, 3x3)"
+    assert site.norm == "0" and "0.rbr_identity" in site.partners and site.payload.result == "Conv2d(8 -> 8, 3x3)"
     assert "=> Conv2d(8 -> 8, 3x3)" in str(merged)
     # the fold's report says it too; fold() alone, whose kept rows nobody reads, skips that analysis
     report = bnfold.fold_with_report(model, X).report

@@ -24,6 +24,8 @@ _EXPORTS = {
     "FoldPlan": "planning.fold_plan",
     "FoldSite": "planning.fold_plan",
     "KeptNorm": "planning.fold_plan",
+    "FoldKind": "planning.kinds",
+    "ProbeRole": "planning.kinds",
     "FoldReport": "report",
     "FoldRule": "rules.table",
     "NormRule": "rules.norms",
@@ -49,6 +51,8 @@ __all__ = [
     "FoldPlan",
     "FoldSite",
     "KeptNorm",
+    "FoldKind",
+    "ProbeRole",
     "FoldReport",
     "FoldRule",
     "NormRule",
@@ -72,6 +76,7 @@ if TYPE_CHECKING:
     from .errors import BnfoldError, CheckpointError, FoldError, TraceError, VerificationError
     from .io.checkpoint import load_folded, save_folded
     from .planning.fold_plan import FoldPlan, FoldSite, KeptNorm
+    from .planning.kinds import FoldKind, ProbeRole
     from .reparam.merged_conv import MergedConv
     from .report import FoldReport
     from .rules.layers import LayerRule

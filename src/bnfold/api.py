@@ -13,6 +13,7 @@ from .errors import TraceError
 from .options import VerifyMode, check_model, fold_options
 from .pipeline import FoldResult, fold_model, plan_model
 from .planning.fold_plan import FoldPlan
+from .planning.kinds import FoldKind
 from .rules.table import AnyRule
 
 __all__ = ["fold", "plan", "fold_with_report", "FoldResult", "BN_Folder"]
@@ -23,6 +24,7 @@ def plan(
     example_inputs: Tensor | tuple[Any, ...] | None = None,
     *,
     extra_rules: Iterable[AnyRule] | None = None,
+    extra_kinds: Iterable[FoldKind] | None = None,
     reparameterize: bool = False,
 ) -> FoldPlan:
     """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
@@ -37,7 +39,9 @@ def plan(
     (1, 0)
     """
     model = check_model(model, "plan")
-    options = fold_options("plan", example_inputs, extra_rules=extra_rules, reparameterize=reparameterize)
+    options = fold_options(
+        "plan", example_inputs, extra_rules=extra_rules, extra_kinds=extra_kinds, reparameterize=reparameterize
+    )
     return plan_model(model, options, stacklevel=2)[0]
 
 
@@ -47,6 +51,7 @@ def fold_with_report(
     *,
     inplace: bool = False,
     extra_rules: Iterable[AnyRule] | None = None,
+    extra_kinds: Iterable[FoldKind] | None = None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
 ) -> FoldResult:
@@ -63,6 +68,7 @@ def fold_with_report(
         "fold_with_report",
         example_inputs,
         extra_rules=extra_rules,
+        extra_kinds=extra_kinds,
         inplace=inplace,
         verify=verify,
         reparameterize=reparameterize,
@@ -76,6 +82,7 @@ def fold(
     *,
     inplace: bool = False,
     extra_rules: Iterable[AnyRule] | None = None,
+    extra_kinds: Iterable[FoldKind] | None = None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
 ) -> nn.Module:
@@ -110,6 +117,7 @@ def fold(
         "fold",
         example_inputs,
         extra_rules=extra_rules,
+        extra_kinds=extra_kinds,
         inplace=inplace,
         verify=verify,
         reparameterize=reparameterize,

@@ -4,13 +4,15 @@ an argument again, nor passes options as loose positionals)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .kinds import build_kinds
+from .planning.kinds import FoldKind
 from .rules import third_party
 from .rules.table import AnyRule, RuleTable, build_rules
 
@@ -25,13 +27,15 @@ class FoldOptions:
     """One call's options, checked.
 
     ``inputs``: the positional arguments of ``model(*inputs)``, or ``None`` (trace with ``torch.fx``);
-    ``rules``: the built-in rules with the caller's ``extra_rules``; ``hints``: whether the plan's kept rows
+    ``rules``: the built-in rules with the caller's ``extra_rules``; ``kinds``: the kinds of fold, built-in
+    and the caller's ``extra_kinds`` (:mod:`bnfold.kinds`); ``hints``: whether the plan's kept rows
     get the re-parameterization hints (``fold()`` returns only the model, so nobody reads them there, and
     their analysis costs as much as a merge); ``caller``: the public function, for messages.
     """
 
     inputs: tuple[Any, ...] | None
     rules: RuleTable
+    kinds: Mapping[str, FoldKind] = field(default_factory=build_kinds)
     inplace: bool = False
     verify: VerifyMode = "outputs"
     reparameterize: bool = False
@@ -93,6 +97,7 @@ def fold_options(
     example_inputs: Any,
     *,
     extra_rules: Iterable[AnyRule] | None = None,
+    extra_kinds: Iterable[FoldKind] | None = None,
     inplace: bool = False,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
@@ -113,4 +118,5 @@ def fold_options(
             "reparameterize=True needs example_inputs (merging branches follows the recorded shapes), e.g. "
             f"bnfold.{caller}(model, torch.randn(1, 3, 224, 224), reparameterize=True)"
         )
-    return FoldOptions(inputs, build_rules(extra_rules), inplace, verify, reparameterize, hints, caller)
+    rules, kinds = build_rules(extra_rules), build_kinds(extra_kinds)
+    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, hints, caller)

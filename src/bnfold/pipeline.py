@@ -19,6 +19,7 @@ from .discover.tracing import trace_execution, trace_symbolic
 from .options import FoldOptions
 from .planning.fold_plan import FoldPlan
 from .planning.planner import make_plan
+from .reparam.merge_recipe import MergeRecipe
 from .report import FoldReport, largest_weight, model_size
 from .rules.norms import TRAINING_REASON
 
@@ -54,7 +55,9 @@ def _warn_training(model: nn.Module, plan: FoldPlan, stacklevel: int) -> None:
 def plan_model(model: nn.Module, options: FoldOptions, stacklevel: int) -> tuple[FoldPlan, DataFlowGraph]:
     """Discover and plan; ``stacklevel`` points a warning at the user's call (1 = the caller of this)."""
     graph = discover(model, options)
-    found = make_plan(model, graph, options.rules, reparameterize=options.reparameterize, hints=options.hints)
+    found = make_plan(
+        model, graph, options.rules, options.kinds, reparameterize=options.reparameterize, hints=options.hints
+    )
     _warn_training(model, found, stacklevel + 1)
     return found, graph
 
@@ -64,7 +67,7 @@ def _report(
 ) -> FoldReport:
     """The report of one fold: the plan it followed, sizes before and after, what the check measured, and
     the largest weight of each merge before and after."""
-    merges = {s.norm for s in found.sites if s.kind == "merge"}
+    merges = {s.norm for s in found.sites if isinstance(s.payload, MergeRecipe)}
     after = model_size(target)
     merge_weights = tuple(
         (block, w, largest_weight(target, (f"{block}.merged_conv",))) for block, w in weights.items() if block in merges
@@ -88,7 +91,7 @@ def fold_model(model: nn.Module, options: FoldOptions, stacklevel: int) -> FoldR
     found, graph = plan_model(model, options, stacklevel + 1)
     before = model_size(model)
     check = choose_check(model, graph, options)
-    weights = {s.norm: largest_weight(model, s.partners) for s in found.sites if s.kind == "merge"}
+    weights = {s.norm: largest_weight(model, s.partners) for s in found.sites if isinstance(s.payload, MergeRecipe)}
     target, undo, found, first = apply_until_it_runs(model, graph, found, options, check.runner)
     measured = judge_run(model, target, undo, found, options, check, first)
     return FoldResult(target, _report(found, before, target, measured, weights))

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .reparam.merge_recipe import MergeRecipe
+
 if TYPE_CHECKING:
     from .planning.fold_plan import FoldPlan
 
@@ -65,12 +67,12 @@ class FoldReport:
     @property
     def folded(self) -> int:
         """Norm layers (and constants) folded or merged."""
-        return sum(1 for s in self.plan.sites if s.kind != "merge")
+        return self.plan.folded
 
     @property
     def merged(self) -> int:
         """Blocks of parallel branches merged into one convolution."""
-        return sum(1 for s in self.plan.sites if s.kind == "merge")
+        return self.plan.merged
 
     @property
     def kept(self) -> int:
@@ -105,7 +107,7 @@ class FoldReport:
         weights = {block: (before, after) for block, before, after in self.merge_weights}
         found = []
         for row in self.plan.rows:
-            merge = getattr(row, "merge", None)
+            merge = _merge_of(row)
             if merge is None:
                 continue
             before, after = weights.get(row.norm, (None, None))
@@ -126,13 +128,19 @@ class FoldReport:
         return render_report(self)
 
 
+def _merge_of(row: Any) -> MergeRecipe | None:
+    """The recipe of a merged block's row, or ``None``."""
+    payload = getattr(row, "payload", None)
+    return payload if isinstance(payload, MergeRecipe) else None
+
+
 def plan_rows(plan: FoldPlan) -> list[dict[str, Any]]:
     """One JSON-ready dict per row of the plan: name, type, decision, partner(s), direction, reason."""
     return [
         {
             "name": row.norm,
             "type": row.norm_type,
-            "decision": row.decision,
+            "decision": plan.decision(row),
             "partner": row.partner,
             "partners": list(getattr(row, "partners", ())) or ([row.partner] if row.partner else []),
             "kind": getattr(row, "kind", None),
@@ -180,21 +188,22 @@ def render_plan(plan: FoldPlan, *, width: int | None = None, planned: bool = Fal
     rows = []
     for row in plan.rows:
         reason = getattr(row, "reason", None)
-        decision = {"folded": fold, "kept": keep}.get(row.decision, row.decision)
-        merge = getattr(row, "merge", None)
+        word = plan.decision(row)
+        decision = {"folded": fold, "kept": keep}.get(word, word)
+        merge = _merge_of(row)
         if reason is None and merge is not None:
             rows.append(
                 [row.norm, row.norm_type, decision, f"{_MERGE_ARROW} {merge.result}", f"branches: {row.partner}"]
             )
-        elif reason is None and getattr(row, "kind", None) == "merged":
+        elif reason is None and word == "merged":
             rows.append([row.norm, row.norm_type, decision, f"{_MERGE_ARROW} {row.partner}", ""])
         elif reason is None:
             arrow = _ARROWS[getattr(row, "direction", "backward")]
             rows.append([row.norm, row.norm_type, decision, f"{arrow} {row.partner}", ""])
         else:
             rows.append([row.norm, row.norm_type, decision, row.partner or "", reason])
-    merges = sum(1 for s in plan.sites if s.kind == "merge")
-    norms = _count(len(plan.sites) - merges, "norm layer")
+    merges = plan.merged
+    norms = _count(plan.folded, "norm layer")
     blocks = f", {_count(merges, 'block')} of parallel branches merged into one convolution each" if merges else ""
     if planned:
         totals = f"dry run, nothing changed: {norms} would be folded, {len(plan.kept)} kept{blocks.replace(' merged', ' would be merged')}"

@@ -20,8 +20,9 @@ from torch.nn.utils import parametrize, prune
 
 from ..errors import FoldError
 from ..planning.channelwise import affine_of_op, constant_named, neutral_value
-from ..planning.fold_plan import FoldKind, FoldPlan, FoldSite
+from ..planning.fold_plan import AppliedBy, ConcatSlices, FoldPlan, FoldSite
 from ..reparam.merge_pass import kept_program
+from ..reparam.merge_recipe import MergeRecipe
 from ..reparam.merged_conv import MergedConv, build_conv
 from ..reparam.recipes import evaluate
 from ..rules.layers import CONVS, out_channels
@@ -39,7 +40,12 @@ __all__ = [
     "ChannelScale",
     "ChannelAffine",
     "Surgery",
-    "STEPS",
+    "apply_backward",
+    "apply_concat",
+    "apply_forward",
+    "apply_constant",
+    "apply_merge",
+    "apply_merged",
 ]
 
 
@@ -240,7 +246,7 @@ class Surgery:
         _replace(self.parents, norm, laid_out(rule.replacement(norm), site.memory_format), self.undo)
 
 
-def _apply_backward(surgery: Surgery, site: FoldSite) -> None:
+def apply_backward(surgery: Surgery, site: FoldSite) -> None:
     """Scale the layer's output channels and map its bias; the norm gives way to its replacement."""
     (partner,) = site.partners
     rule = surgery.rule(site, partner)
@@ -249,10 +255,11 @@ def _apply_backward(surgery: Surgery, site: FoldSite) -> None:
     surgery.replace_norm(site, rule)
 
 
-def _apply_concat(surgery: Surgery, site: FoldSite) -> None:
+def apply_concat(surgery: Surgery, site: FoldSite) -> None:
     """Each layer of the torch.cat takes its slice of the norm's channels."""
     rule = None
-    for partner, (start, stop) in zip(site.partners, site.slices, strict=True):
+    slices = site.payload_as(ConcatSlices).slices
+    for partner, (start, stop) in zip(site.partners, slices, strict=True):
         rule = surgery.rule(site, partner)
         scale, shift = rule.affine(surgery.norm(site))
         _fold_output(surgery.modules[partner], scale[start:stop], shift[start:stop], rule.weight_layout, surgery.undo)
@@ -260,7 +267,7 @@ def _apply_concat(surgery: Surgery, site: FoldSite) -> None:
         surgery.replace_norm(site, rule)
 
 
-def _apply_forward(surgery: Surgery, site: FoldSite) -> None:
+def apply_forward(surgery: Surgery, site: FoldSite) -> None:
     """Scale every partner's input channels and add its response to the norm's shift to its bias."""
     rule = None
     for partner in site.partners:
@@ -275,16 +282,15 @@ def _apply_forward(surgery: Surgery, site: FoldSite) -> None:
         surgery.replace_norm(site, rule)
 
 
-def _apply_constant(surgery: Surgery, site: FoldSite) -> None:
+def apply_constant(surgery: Surgery, site: FoldSite) -> None:
     """Fold the op's per-channel map into the layer, then make the constant the op's neutral value."""
-    if site.op is None:
-        raise ValueError(f"the plan gives no op for the constant '{site.norm}'")
+    op = site.payload_as(AppliedBy).op
     constant = constant_named(surgery.model, site.norm)
     layer = surgery.modules[site.partners[0]]
     layout = surgery.rules.layout_for(layer)
-    scale, shift = affine_of_op(site.op, constant, out_channels(layer, layout))
+    scale, shift = affine_of_op(op, constant, out_channels(layer, layout))
     _fold_output(layer, scale, shift, layout, surgery.undo)
-    _copy_into(constant, neutral_value(site.op, constant), surgery.undo)
+    _copy_into(constant, neutral_value(op, constant), surgery.undo)
 
 
 def _fold_output(layer: nn.Module, scale: Tensor, shift: Tensor, layout: Layout, undo: Undo) -> None:
@@ -293,17 +299,16 @@ def _fold_output(layer: nn.Module, scale: Tensor, shift: Tensor, layout: Layout,
     _write_bias(layer, scale, shift, undo)
 
 
-def _apply_merge(surgery: Surgery, site: FoldSite) -> None:
+def apply_merge(surgery: Surgery, site: FoldSite) -> None:
     """The block around merged branches becomes one convolution and the modules after the sum."""
-    if site.merge is None:
-        raise ValueError(f"the plan gives no recipe for the merge of '{site.norm}'")
+    merge = site.payload_as(MergeRecipe)
     block = surgery.modules[site.norm]
-    form = evaluate(site.merge.recipe, surgery.model, surgery.rules, site.merge.channels, site.merge.dims)
+    form = evaluate(merge.recipe, surgery.model, surgery.rules, merge.channels, merge.dims)
     first = next(surgery.modules[name] for name in site.partners if _is_conv(surgery.modules[name]))
     conv = build_conv(form, require_tensor(first, "weight"))
-    post = [(name, block.get_submodule(name)) for name in site.merge.post]
-    pre = [(name, block.get_submodule(name)) for name in site.merge.pre]
-    kept, held = kept_program(site.merge.kept, site.norm, block)
+    post = [(name, block.get_submodule(name)) for name in merge.post]
+    pre = [(name, block.get_submodule(name)) for name in merge.pre]
+    kept, held = kept_program(merge.kept, site.norm, block)
     merged = MergedConv(conv, post, site.partners, pre, kept, held)
     modes = {id(m): m.training for m in merged.modules()}
     _replace(surgery.parents, block, merged, surgery.undo)
@@ -320,21 +325,8 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, tuple(CONVS.values()))
 
 
-def _apply_merged(surgery: Surgery, site: FoldSite) -> None:
+def apply_merged(surgery: Surgery, site: FoldSite) -> None:
     """A norm inside merged branches: the merge of its block takes it with the block."""
-
-
-# One surgery step per kind of fold: a new kind adds its entry here.
-STEPS: dict[FoldKind, Callable[[Surgery, FoldSite], None]] = {
-    "backward": _apply_backward,
-    "concat": _apply_concat,
-    "forward": _apply_forward,
-    "constant": _apply_constant,
-    "merge": _apply_merge,
-    "merged": _apply_merged,
-}
-# the kinds whose step gives the norm's place to its replacement (Surgery.replace_norm)
-_REPLACING: frozenset[FoldKind] = frozenset({"backward", "concat", "forward"})
 
 
 def apply_plan(
@@ -352,7 +344,7 @@ def apply_plan(
     surgery = Surgery(model, rules, undo, dict(replaced or {}))
     for site in plan.sites:
         try:
-            STEPS[site.kind](surgery, site)
+            plan.kind(site).step(surgery, site)
         except Exception as error:
             undo_all(undo)
             raise FoldError(
@@ -377,7 +369,7 @@ def _replacements(model: nn.Module, plan: FoldPlan, rules: RuleTable, memo: dict
     activation) are copied with the same memo, as copying the model would. Returns name -> the original norm."""
     replaced: dict[str, nn.Module] = {}
     for site in plan.sites:
-        if site.kind not in _REPLACING or not site.partners:
+        if plan.kind(site).residue != "rule" or not site.partners:
             continue
         norm = model.get_submodule(site.norm)
         # surgery replaces the norm by the rule of its last partner

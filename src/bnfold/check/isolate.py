@@ -28,19 +28,19 @@ __all__ = ["Run", "refusal_name", "failure_reason", "first_breaking_fold", "appl
 Run = Callable[[nn.Module], Any]  # runs a folded model once, returns what the check needs
 
 
-def refusal_name(site: FoldSite) -> str:
-    """What to keep so that ``site`` is not folded: its norm, or for a norm merged with its branches, the
-    block they merge into (a merge is kept whole)."""
-    return site.partners[0] if site.kind == "merged" else site.norm
+def refusal_name(plan: FoldPlan, site: FoldSite) -> str:
+    """What to keep so that ``site`` is not folded, by its kind: its norm, or for a norm merged with its
+    branches, the block they merge into (a merge is kept whole)."""
+    return plan.kind(site).keeps(site)
 
 
-def failure_reason(site: FoldSite, error: BaseException, applied: bool = True) -> str:
+def failure_reason(plan: FoldPlan, site: FoldSite, error: BaseException, applied: bool = True) -> str:
     """The reason, in a kept row, for a fold (or merge) that broke the folded model (``applied=False``: that
     could not be applied)."""
     text = clean_message(error).splitlines()[0] if clean_message(error) else ""
     if len(text) > 160:
         text = text[:157] + "..."
-    what = "merging them" if site.kind in ("merge", "merged") else "folding it"
+    what = plan.kind(site).label
     outcome = "made the folded model fail to run" if applied else "failed"
     return f"{what} {outcome} ({type(error).__name__}: {text})"
 
@@ -116,10 +116,16 @@ def apply_until_it_runs(
                 except FoldError:
                     raise _failed_run(model, error) from error
                 applied = True
-        name = refusal_name(site)
+        name = refusal_name(found, site)
         if name in refused:  # planned again all the same: never loop
             raise _failed_run(model, failure) from failure
-        refused[name] = failure_reason(site, failure, applied)
+        refused[name] = failure_reason(found, site, failure, applied)
         found = make_plan(
-            model, graph, options.rules, reparameterize=options.reparameterize, refused=refused, hints=options.hints
+            model,
+            graph,
+            options.rules,
+            options.kinds,
+            reparameterize=options.reparameterize,
+            refused=refused,
+            hints=options.hints,
         )

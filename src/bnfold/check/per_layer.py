@@ -28,10 +28,11 @@ from torch.overrides import TorchFunctionMode
 from ..discover.nested import detached_copy, iter_tensors
 from ..discover.running import inference
 from ..planning.channelwise import constant_named
-from ..planning.fold_plan import FoldKind, FoldPlan, FoldSite
+from ..planning.fold_plan import FoldPlan, FoldSite
+from ..planning.kinds import ProbeRole
 from .verify import OutputDiff, compare_outputs
 
-__all__ = ["Probes", "Recording", "ProbeRole", "PROBE_ROLES", "probes_for", "record", "compare"]
+__all__ = ["Probes", "Recording", "ProbeRole", "probes_for", "record", "compare"]
 
 
 @dataclass(frozen=True)
@@ -59,48 +60,28 @@ class Probes:
     exits: tuple[Exit, ...]
 
 
-@dataclass(frozen=True)
-class ProbeRole:
-    """How a kind of fold changes values, for the per-layer check.
-
-    ``side="after"``: it folds into the layers that feed it, whose outputs are then changed until the last
-    fold after them restores the original's values at its ``exit`` (the norm's output, ``"module"``, or
-    the result of the op that applies a constant, ``"constant"``). ``side="before"``: it folds into the
-    layers it feeds; its own output is changed, and their outputs restore the original's values.
-    """
-
-    side: str  # "after" | "before" | "region" (its own module is entry and exit) | "none" (nothing to check)
-    exit: str = "module"  # "module" | "constant"
-
-
-# One entry per kind of fold: a new kind adds its entry here.
-PROBE_ROLES: dict[FoldKind, ProbeRole] = {
-    "backward": ProbeRole("after"),
-    "concat": ProbeRole("after"),
-    "constant": ProbeRole("after", exit="constant"),
-    "forward": ProbeRole("before"),
-    "merge": ProbeRole("region"),
-    "merged": ProbeRole("none"),
-}
-
-
 def probes_for(plan: FoldPlan) -> Probes:
     """The entries and exits of every folded region of ``plan``.
 
     A layer that takes folds after it (norms, channel-wise constants) leaves its output changed; the last
     fold applied to it restores the original's values. A norm folded into the layers after it leaves its
-    own output changed; those layers restore them.
+    own output changed; those layers restore them. A span (a transform over several layers) changes values
+    from the input of its first partner to the outputs of the others.
     """
     after: dict[str, list[FoldSite]] = defaultdict(list)  # layer -> folds after it, in order
     before_norms: list[str] = []
     before_partners: dict[str, list[str]] = defaultdict(list)  # layer -> norms folded into its input
     regions: list[str] = []
+    spans: list[FoldSite] = []
     for site in plan.sites:
-        side = PROBE_ROLES[site.kind].side
+        side = plan.kind(site).probe.side
         if side == "none":
             continue
         if side == "region":
             regions.append(site.norm)
+            continue
+        if side == "span":
+            spans.append(site)
             continue
         if side == "before":
             before_norms.append(site.norm)
@@ -109,11 +90,13 @@ def probes_for(plan: FoldPlan) -> Probes:
         else:
             for partner in site.partners:
                 after[partner].append(site)
-    entries = [layer for layer in after if layer not in before_partners] + before_norms + regions
+    readers = {reader for site in spans for reader in site.partners[1:]}  # fed by the span, not the original
+    entries = [layer for layer in after if layer not in before_partners and layer not in readers]
+    entries += before_norms + regions + [site.partners[0] for site in spans]
     exits: dict[tuple[str, str], list[str]] = defaultdict(list)
     for layer, chain in after.items():
         last = chain[-1]
-        exit_key = (PROBE_ROLES[last.kind].exit, last.norm)
+        exit_key = (plan.kind(last).probe.exit, last.norm)
         exits[exit_key].extend(s.norm for s in chain)
         exits[exit_key].extend(before_partners.get(layer, []))
     for layer, norms in before_partners.items():
@@ -121,6 +104,11 @@ def probes_for(plan: FoldPlan) -> Probes:
             exits[("module", layer)].extend(norms)
     for block in regions:
         exits[("module", block)].append(block)
+    for site in spans:
+        for reader in site.partners[1:]:
+            folds = after.get(reader)  # a fold after the reader restores the values at its own exit
+            key = (plan.kind(folds[-1]).probe.exit, folds[-1].norm) if folds else ("module", reader)
+            exits[key].append(site.norm)
     return Probes(
         tuple(dict.fromkeys(entries)),
         tuple(Exit(kind, name, tuple(dict.fromkeys(sites))) for (kind, name), sites in exits.items()),

@@ -253,9 +253,9 @@ def execute(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
                 {
                     "model": found.model_type,
                     "traced_with": found.traced_with,
-                    "folded": sum(1 for s in found.sites if s.kind != "merge"),
+                    "folded": found.folded,
                     "kept": len(found.kept),
-                    "merged": sum(1 for s in found.sites if s.kind == "merge"),
+                    "merged": found.merged,
                     "dry_run": True,
                     "layers": plan_rows(found),
                     "input_shape": list(shape),

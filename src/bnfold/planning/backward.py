@@ -18,7 +18,7 @@ from ..rules.norms import tensor_attr
 from ..rules.ops import OpEntry, axis_before, entry_for
 from ..rules.table import FoldRule
 from .context import Kept, PlanContext, rule_for, symbolic_rank_check
-from .fold_plan import FoldSite
+from .fold_plan import ConcatSlices, FoldSite, ReadThrough
 
 __all__ = ["fold_backward", "CAT_OPS"]
 
@@ -90,7 +90,9 @@ def fold_backward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
     if tensor_attr(layer, "bias") is None and _parametrized_bias(layer):
         raise Kept(f"'{name}' has a parametrized bias that is None", name)
     via = tuple(ctx.name(s.module) for s, e in reversed(path) if e is _FOLDED and s.module is not None)
-    return FoldSite(ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward", via)
+    return FoldSite(
+        ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward", ReadThrough(via)
+    )
 
 
 def _parametrized_bias(layer: nn.Module) -> bool:
@@ -202,7 +204,7 @@ def _fold_into_cat(norm: nn.Module, call: Call, cat: Call, ctx: PlanContext) -> 
         tuple(ctx.name(layer) for layer in layers),
         tuple(layer_type(layer).__name__ for layer in layers),
         "concat",
-        slices=tuple(slices),
+        ConcatSlices(tuple(slices)),
     )
 
 

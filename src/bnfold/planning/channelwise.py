@@ -29,7 +29,7 @@ from ..rules.layers import channel_axis
 from ..rules.ops import OpEntry, entry_for
 from .backward import CAT_OPS
 from .context import Kept, PlanContext, layer_reason
-from .fold_plan import ConstantOp, FoldSite, KeptNorm, PlanRow
+from .fold_plan import AppliedBy, ConstantOp, FoldSite, KeptNorm, PlanRow
 
 __all__ = [
     "CONSTANT_OPS",
@@ -292,6 +292,8 @@ def _constant_row(
             if reason:
                 raise Kept(f"'{step.target}' between '{name}' and it {reason}", name)
         sources[call.outputs[0]] = source
-        return FoldSite(constant.name, label, (name,), (layer_type(source.layer).__name__,), "constant", op=kind)
+        return FoldSite(
+            constant.name, label, (name,), (layer_type(source.layer).__name__,), "constant", AppliedBy(kind)
+        )
     except Kept as keep:
         return KeptNorm(constant.name, label, keep.reason, keep.partner)

@@ -16,7 +16,7 @@ from ..rules.layers import channel_axis, output_ranks
 from ..rules.norms import tensor_attr
 from ..rules.table import FoldRule, RuleTable
 from ..rules.weight_hooks import unknown_pre_hook_reason
-from .fold_plan import Direction
+from .fold_plan import Direction, PlanRow
 
 __all__ = ["Kept", "PlanContext", "layer_reason", "rule_for", "symbolic_rank_check"]
 
@@ -49,6 +49,8 @@ class PlanContext:
     # folds to keep whatever the passes find (norm, constant or merged block -> the reason): folds that made
     # the folded model fail to run
     refused: dict[str, str] = field(default_factory=dict)
+    # the rows the passes before this one decided, by name (a pass reads them; the planner adds to them)
+    decided: dict[str, PlanRow] = field(default_factory=dict)
     # each norm's float64 map by the rule's function (see affine)
     _affines: dict[tuple[int, Callable[..., Any]], tuple[Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False

@@ -1,85 +1,73 @@
 """The plan: what folds into what, and what stays and why. Data only.
 
-Every later stage (surgery, the per-layer check, the report) reads these types;
-this module imports none of them. Each fold says its kind explicitly and
-carries what surgery needs, so nothing is ever parsed back from a label:
-
-==========  ===================================================================
-kind        meaning
-==========  ===================================================================
-backward    a norm after one layer, ``norm(layer(x))``: the layer's output channels
-concat      a norm after a channel-wise ``torch.cat`` of layers: each layer takes
-            the slice ``slices[i]`` of the norm's channels
-forward     a norm before layers, ``layer(norm(x))``: their input channels
-constant    a per-channel parameter applied by an op, ``layer(x) <op> constant``:
-            folded into the layer, the constant set to the op's neutral value
-merge       parallel branches of one tensor and their sum, merged into one
-            convolution: the block around them (``norm``) becomes a MergedConv
-            (in a partial merge, beside the branches that keep running)
-merged      a norm that is part of a merge (``partners``: the block)
-==========  ===================================================================
+Every later stage (surgery, the per-layer check, the report) reads these types. Each row says its kind
+explicitly (``FoldSite.kind``, a :class:`~bnfold.planning.kinds.FoldKind` of the plan's ``kinds``) and
+carries that kind's typed payload, so nothing is ever parsed back from a label: :class:`ReadThrough` for a
+backward fold that reads through norms folded before it, :class:`ConcatSlices` for a norm after a
+``torch.cat``, :class:`AppliedBy` for a channel-wise constant, and for a merge its
+:class:`~bnfold.reparam.merge_recipe.MergeRecipe`. The kinds
+themselves are listed in :mod:`bnfold.kinds`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..report import render_plan  # the plan's text is the report's (which reads this module for types only)
 
+if TYPE_CHECKING:
+    from .kinds import FoldKind
+
 __all__ = [
-    "FoldKind",
     "Direction",
+    "ReadThrough",
+    "ConcatSlices",
+    "AppliedBy",
     "ConstantOp",
-    "KeptBranch",
-    "MergeRecipe",
     "FoldSite",
     "KeptNorm",
     "FoldPlan",
     "PlanRow",
 ]
 
-FoldKind = Literal["backward", "concat", "forward", "constant", "merge", "merged"]
 Direction = Literal["backward", "forward"]
 ConstantOp = Literal["mul", "div", "add", "sub"]
+Payload = TypeVar("Payload")
 
 
 @dataclass(frozen=True)
-class KeptBranch:
-    """A branch of a partial merge that keeps running beside the merged convolution, and why: ``sign *
-    recipe(x)`` (a recipe of :mod:`bnfold.branches` whose modules run as they are), the modules it runs."""
+class ReadThrough:
+    """A backward fold's payload: the norms already folded into the same layer that this one reads through
+    (``conv -> bn -> layer scale``), in the order they apply."""
 
-    sign: float
-    recipe: Any
-    modules: tuple[str, ...]
-    reason: str
+    via: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class MergeRecipe:
-    """What surgery needs to rebuild a merge: the branches as a recipe (:mod:`bnfold.branches`), the
-    channels and spatial rank of the tensor they read, the modules that follow the sum inside the block
-    (names relative to it), what the merge became, in words, and the modules before the branches.
-    ``kept``: in a partial merge, the branches that keep running, added to the merged convolution."""
+class ConcatSlices:
+    """A fold into a channel-wise ``torch.cat`` of layers: the ``(start, stop)`` range of the norm's channels
+    each partner takes, in the partners' order."""
 
-    recipe: Any
-    channels: int
-    dims: int
-    post: tuple[str, ...]
-    result: str
-    pre: tuple[str, ...] = ()  # the modules before the branches inside the block
-    kept: tuple[KeptBranch, ...] = ()
+    slices: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class AppliedBy:
+    """A channel-wise constant's payload: the op that applies it to the layer's output."""
+
+    op: ConstantOp
 
 
 @dataclass(frozen=True)
 class FoldSite:
-    """A norm layer (or a channel-wise constant) that folds into its partner layer(s).
+    """A norm layer (or a channel-wise constant, or a block of branches) that folds into its partner layer(s).
 
-    ``norm``: the qualified name of the norm module (for ``kind="constant"``, of the parameter or buffer).
-    ``partners``: the layers it folds into; ``slices``: for ``kind="concat"``, the ``(start, stop)`` range
-    of the norm's channels each partner takes; ``op``: for ``kind="constant"``, the op that applies it;
-    ``via``: for a backward fold, norms already folded into the same layer that this one reads through
-    (``conv -> bn -> layer scale``), in the order they apply; ``memory_format``: for a norm that gave its
+    ``norm``: the qualified name of the norm module (for a constant, of the parameter or buffer; for a
+    merge, of the block). ``partners``: the layers it folds into. ``kind``: its kind of fold, by name (the
+    plan's ``kinds`` says everything about it); ``payload``: that kind's data (see the module docstring).
+    ``direction``: which side of the norm its partners are on. ``memory_format``: for a norm that gave its
     output another memory layout than its input had, the format its replacement must give (code after it
     may rely on it, e.g. ``.view``).
     """
@@ -88,25 +76,20 @@ class FoldSite:
     norm_type: str
     partners: tuple[str, ...]
     partner_types: tuple[str, ...]
-    kind: FoldKind = "backward"
-    via: tuple[str, ...] = ()
-    slices: tuple[tuple[int, int], ...] = ()
-    op: ConstantOp | None = None
-    merge: MergeRecipe | None = None
+    kind: str = "backward"
+    payload: Any = None
+    direction: Direction = "backward"
     memory_format: str | None = None
-
-    @property
-    def direction(self) -> Direction:
-        """Which side of the norm its partners are on: ``forward`` (after it) or ``backward`` (before it)."""
-        return "forward" if self.kind == "forward" else "backward"
-
-    @property
-    def decision(self) -> str:
-        return "merged" if self.kind in ("merge", "merged") else "folded"
 
     @property
     def partner(self) -> str:
         return ", ".join(self.partners)
+
+    def payload_as(self, kind: type[Payload]) -> Payload:
+        """The payload, which must be a ``kind`` (surgery's steps read their own kind's payload)."""
+        if not isinstance(self.payload, kind):
+            raise ValueError(f"the plan gives no {kind.__name__} for '{self.norm}' ({self.kind})")
+        return self.payload
 
 
 @dataclass(frozen=True)
@@ -135,6 +118,8 @@ class FoldPlan:
     >>> p = bnfold.plan(m, torch.randn(1, 3, 8, 8))
     >>> [(s.norm, s.partners, s.kind) for s in p.sites]
     [('1', ('0',), 'backward')]
+    >>> p.decision(p.sites[0])
+    'folded'
     """
 
     model_type: str
@@ -142,6 +127,29 @@ class FoldPlan:
     sites: tuple[FoldSite, ...]
     kept: tuple[KeptNorm, ...]
     order: tuple[str, ...]  # row names in model order
+    # the kinds of fold it was made with, by name (bnfold.kinds): every later stage looks a row's kind up here
+    kinds: Mapping[str, FoldKind] = field(default_factory=dict, compare=False, repr=False)
+
+    def kind(self, site: FoldSite) -> FoldKind:
+        """Everything about ``site``'s kind of fold."""
+        found = self.kinds.get(site.kind)
+        if found is None:
+            raise KeyError(f"'{site.norm}' is a fold of kind '{site.kind}', which this plan was not made with")
+        return found
+
+    @property
+    def folded(self) -> int:
+        """Norm layers (and constants) folded or merged away, by their kinds (:attr:`FoldKind.counted`)."""
+        return sum(1 for s in self.sites if self.kind(s).counted)
+
+    @property
+    def merged(self) -> int:
+        """Blocks of parallel branches merged into one convolution (rows of kinds not counted as norms)."""
+        return len(self.sites) - self.folded
+
+    def decision(self, row: PlanRow) -> str:
+        """What happened to ``row``, in one word: its kind's word ("folded", "merged"), or "kept"."""
+        return self.kind(row).word if isinstance(row, FoldSite) else "kept"
 
     @property
     def rows(self) -> list[PlanRow]:

@@ -67,7 +67,12 @@ def fold_forward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
             partners.append(reader.module)
     names = tuple(ctx.name(p) for p in partners)
     return FoldSite(
-        ctx.name(norm), layer_type(norm).__name__, names, tuple(layer_type(p).__name__ for p in partners), "forward"
+        ctx.name(norm),
+        layer_type(norm).__name__,
+        names,
+        tuple(layer_type(p).__name__ for p in partners),
+        "forward",
+        direction="forward",
     )
 
 

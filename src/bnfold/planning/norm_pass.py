@@ -13,7 +13,7 @@ from ..rules.classes import layer_type
 from ..rules.norms import leaves_nothing
 from .backward import fold_backward
 from .context import Kept, PlanContext
-from .fold_plan import FoldSite, KeptNorm, PlanRow
+from .fold_plan import FoldSite, KeptNorm, PlanRow, ReadThrough
 from .forward import fold_forward
 
 __all__ = ["norm_rows"]
@@ -46,7 +46,7 @@ def norm_rows(ctx: PlanContext) -> list[PlanRow]:
             site = _decide(norm, ctx)
             for partner in site.partners:
                 taken = claimed.get((partner, site.direction))
-                if taken is not None and taken not in site.via:
+                if taken is not None and taken not in _read_through(site):
                     raise Kept(f"'{partner}' already takes '{taken}'", partner)
             for partner in site.partners:
                 claimed[(partner, site.direction)] = name
@@ -58,6 +58,11 @@ def norm_rows(ctx: PlanContext) -> list[PlanRow]:
         except Kept as keep:
             rows[name] = KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner)
     return [rows[name] for name, _ in ordered]
+
+
+def _read_through(site: FoldSite) -> tuple[str, ...]:
+    """The norms folded before ``site`` into the same layer that it reads through."""
+    return site.payload.via if isinstance(site.payload, ReadThrough) else ()
 
 
 def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:

@@ -1,66 +1,60 @@
-"""Make the plan: a short sequence of passes over the data-flow graph.
+"""Make the plan: the passes of the plan's kinds of fold, in their declared order, over the data-flow graph.
 
-Each pass reads the model, its graph and the rules (a :class:`~bnfold.checks.PlanContext`) and returns
-plan rows of its own kinds; surgery (``bnfold.surgery.STEPS``) and the per-layer check
-(``bnfold.layercheck.PROBE_ROLES``) each hold one entry per kind. A new kind of fold is one pass here, one
-surgery step and one probe entry. Building the plan changes nothing.
+Each pass reads the model, its graph and the rules (a :class:`~bnfold.planning.context.PlanContext`, whose
+``decided`` holds the rows decided before it) and returns rows of its kinds. The kinds (built-in ones in
+:mod:`bnfold.kinds`, a call's own with ``extra_kinds``) say which pass finds them and in what order; a pass
+shared by several kinds runs once. Building the plan changes nothing.
 
-=========== ========================================================== =====================
-pass        what it folds                                               kinds
-=========== ========================================================== =====================
-merge_rows  (``reparameterize=True``) parallel branches of one tensor    merge, merged
-            and their sum, into one convolution
-norm_rows   each norm layer, backward (into the layer before it), else  backward, concat,
-            forward (into every layer after it)                         forward
-constants   ``layer(x) * gamma + beta`` with per-channel model constants constant
-=========== ========================================================== =====================
-
-Merges come first: the modules they take are no longer there for the other passes. Without
-``reparameterize``, a norm kept in branches that a merge would take says so in its reason.
+Without ``reparameterize``, a norm kept in branches that a merge would take says so in its reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
 from torch import nn
 
 from ..discover.graph import DataFlowGraph
-from ..reparam.merge_pass import merge_hints, merge_rows
+from ..reparam.merge_pass import merge_hints
 from ..rules.table import RuleTable
-from .channelwise import constant_rows
 from .context import PlanContext
 from .fold_plan import FoldPlan, FoldSite, KeptNorm, PlanRow
-from .norm_pass import norm_rows
+from .kinds import FoldKind, PlanPass
 
-__all__ = ["PlanPass", "PASSES", "REPARAMETERIZE_PASSES", "make_plan"]
+__all__ = ["passes_of", "make_plan"]
 
-PlanPass = Callable[[PlanContext], list[PlanRow]]
 
-PASSES: tuple[PlanPass, ...] = (norm_rows, constant_rows)
-REPARAMETERIZE_PASSES: tuple[PlanPass, ...] = (merge_rows,)  # run before PASSES with reparameterize=True
+def passes_of(kinds: Mapping[str, FoldKind], reparameterize: bool) -> list[PlanPass]:
+    """The passes of ``kinds`` in their declared order, each once; those that need ``reparameterize`` only
+    with it."""
+    found: dict[int, tuple[int, PlanPass]] = {}
+    for kind in kinds.values():
+        if kind.plan_pass is None or (kind.opt_in == "reparameterize" and not reparameterize):
+            continue
+        order, _ = found.get(id(kind.plan_pass), (kind.order, kind.plan_pass))
+        found[id(kind.plan_pass)] = (min(order, kind.order), kind.plan_pass)
+    return [run for _, run in sorted(found.values(), key=lambda entry: entry[0])]
 
 
 def make_plan(
     model: nn.Module,
     graph: DataFlowGraph,
     rules: RuleTable,
-    passes: Sequence[PlanPass] | None = None,
+    kinds: Mapping[str, FoldKind],
     *,
     reparameterize: bool = False,
     refused: Mapping[str, str] | None = None,
     hints: bool = True,
 ) -> FoldPlan:
     """Decide, for every norm layer (and channel-wise constant) of ``model``, whether and where it folds,
-    with ``passes`` (default: :data:`PASSES`, read at each call, after :data:`REPARAMETERIZE_PASSES` when
-    ``reparameterize``). ``refused``: norms, constants and merged blocks to keep (name -> the reason).
+    with the passes of ``kinds`` (:func:`passes_of`). ``refused``: norms, constants and merged blocks to keep (name -> the reason).
     ``hints``: a kept norm that ``reparameterize=True`` would merge says so in its reason."""
     ctx = PlanContext(model, graph, rules, refused=dict(refused or {}))
-    if passes is None:
-        passes = (*REPARAMETERIZE_PASSES, *PASSES) if reparameterize else PASSES
-    rows: dict[str, PlanRow] = {}  # by name, in the order found
-    for run in passes:
+    rows: dict[str, PlanRow] = ctx.decided  # by name, in the order found
+    for run in passes_of(kinds, reparameterize):
         for row in run(ctx):
+            if isinstance(row, FoldSite) and row.kind not in kinds:
+                raise ValueError(f"a planning pass made a row of kind '{row.kind}', which no FoldKind names")
             # a constant used by several ops is reported once (kept: used elsewhere)
             rows.setdefault(row.norm, row)
     kept_names = {name for name, row in rows.items() if not isinstance(row, FoldSite)}
@@ -83,4 +77,4 @@ def make_plan(
     modules = {name: i for i, (name, _) in enumerate(ctx.modules)}
     found = {name: i for i, name in enumerate(rows)}
     order = sorted(found, key=lambda name: (0, modules[name]) if name in modules else (1, found[name]))
-    return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order))
+    return FoldPlan(type(model).__name__, graph.traced_with, tuple(sites), tuple(kept), tuple(order), kinds)

@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from ..discover.graph import Span
 from ..planning.context import Kept, PlanContext
-from ..planning.fold_plan import FoldSite, KeptBranch, KeptNorm, MergeRecipe, PlanRow
+from ..planning.fold_plan import FoldSite, KeptNorm, PlanRow
 from ..rules.classes import layer_type
 from .branches import Branches, Term, channels_and_dims, find_branches, region_reason
 from .merge_arithmetic import ConvForm, NotExact, add_forms, affine_after
+from .merge_recipe import KeptBranch, MergeRecipe
 from .merged_conv import Step, held_kind, held_thing
 from .recipes import (
     Coefficient,
@@ -404,7 +405,7 @@ def merge_rows(ctx: PlanContext) -> list[PlanRow]:
             count = len(merge.kept)
             result += f" + {count} kept branch{'es' if count > 1 else ''}"
         recipe = MergeRecipe(merge.recipe, channels, dims, block.post, result, block.pre, merge.kept)
-        rows.append(FoldSite(block.name, layer_type(block.module).__name__, modules, types, "merge", merge=recipe))
+        rows.append(FoldSite(block.name, layer_type(block.module).__name__, modules, types, "merge", recipe))
         for name in modules:
             module = ctx.model.get_submodule(name)
             if ctx.rules.is_norm_layer(module):
