@@ -287,6 +287,32 @@ def test_folding_a_neutral_norm_again_is_a_no_op():
     assert bnfold.plan(once, x, extra_rules=[LAYER_NORM_RULE]).sites[0].partners == ("2",)
 
 
+def test_a_neutral_norm_folds_into_every_layer_that_reads_it():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8, bias=False), nn.Linear(16, 8)
+
+        def forward(self, x):
+            x = self.norm(x)
+            return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1) @ self.v(x)
+
+    model = Attention().double().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2.0)
+        model.norm.bias.normal_()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    result = check_fold(model, x, folded=1, kept=0, randomize=False, extra_rules=[LAYER_NORM_RULE])
+    assert result.report.plan.sites[0].partners == ("q", "k", "v")
+    assert bool((result.model.norm.weight == 1).all()) and result.model.k.bias is not None
+    # a norm without an affine has nothing to fold
+    plain = bnfold.NormRule(nn.LayerNorm, affine=elementwise_affine, check=lambda n: None, neutral=identity_affine)
+    model.norm = nn.LayerNorm(16, elementwise_affine=False).double()
+    (kept,) = bnfold.plan(model, x, extra_rules=[plain]).kept
+    assert kept.reason == "its affine is already the identity: nothing to fold"
+
+
 def _wrong_scale(n: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return n.weight.double() * 1.5, n.bias.double()
 

@@ -320,15 +320,15 @@ class NormRule:
 
 
 def is_neutral(norm: nn.Module, neutral: Callable[[nn.Module], Mapping[str, Tensor]]) -> bool:
-    """Whether each tensor ``neutral`` names holds its neutral value already."""
-    values = neutral(norm)
-    for name, value in values.items():
+    """Whether each tensor ``neutral`` names holds its neutral value already (a norm without an affine, for
+    which ``neutral`` names none, has nothing to fold)."""
+    for name, value in neutral(norm).items():
         current = tensor_attr(norm, name)
         if current is None or current.shape != value.shape:
             return False
         if not torch.equal(current.detach(), value.to(device=current.device, dtype=current.dtype)):
             return False
-    return bool(values)
+    return True
 
 
 # Norms that normalize each input with its own statistics: never a fixed map.
