@@ -16,6 +16,7 @@ from torch import nn
 import bnfold
 from bnfold.apply import records
 from bnfold.io import checkpoint
+from bnfold.rules.norms import elementwise_affine, identity_affine, last_channel_axis
 
 from helpers import randomize_norms, state_snapshot
 
@@ -245,3 +246,45 @@ def test_a_module_class_that_describes_itself_can_be_recorded(tmp_path, monkeypa
     loaded = bnfold.load_folded(_scaled().eval(), path)
     assert isinstance(loaded[1], Marker) and loaded[1].channels == 6
     _assert_same_outputs(loaded, model, x)
+
+
+def _layer_normed() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4, bias=False))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_norm_made_neutral_round_trips(tmp_path, suffix):
+    """A norm rule that leaves the norm in place, made neutral: the record names only what changed in the
+    structure (a bias gained); the neutral weights are ordinary weights."""
+    rule = bnfold.NormRule(
+        nn.LayerNorm,
+        affine=elementwise_affine,
+        check=lambda n: None,
+        channel_axis=last_channel_axis,
+        neutral=identity_affine,
+        backward=lambda n: "it normalizes with each input's own statistics",
+    )
+    x = torch.randn(3, 8)
+    path = tmp_path / f"m{suffix}"
+    torch.manual_seed(0)
+    model = _layer_normed().eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    folded = bnfold.fold(model, x, extra_rules=[rule])
+    bnfold.save_folded(folded, path, original=_layer_normed().eval())
+    record = checkpoint.read_record(path, None if suffix == ".pt" else _metadata(path))
+    assert record is not None
+    assert record.replaced == () and [b.path for b in record.biases] == ["2"]
+    loaded = bnfold.load_folded(_layer_normed().eval(), path)
+    assert type(loaded[1]) is nn.LayerNorm and torch.equal(loaded[1].weight, torch.ones(16))
+    assert torch.equal(loaded[1].bias, torch.zeros(16))
+    assert list(loaded.state_dict()) == list(folded.state_dict())
+    _assert_same_outputs(loaded, model, x)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()

@@ -1,4 +1,5 @@
-"""Module surgery: copy a model, write folded weights where layers really read them, swap out norms.
+"""Module surgery: copy a model, write folded weights where layers really read them, swap out norms (or
+make them neutral, where their rule leaves them in place).
 
 Weights can live in a plain parameter, behind ``torch.nn.utils.parametrize``
 (weight_norm, spectral_norm, any user parametrization), behind a pruning mask
@@ -10,7 +11,7 @@ so that a failed check can put the model back exactly as it was.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -240,10 +241,28 @@ class Surgery:
         return rule
 
     def replace_norm(self, site: FoldSite, rule: FoldRule) -> None:
+        """What remains of the folded norm: its replacement in its place, or the norm made neutral."""
         if site.norm in self.replaced:
             return
         norm = self.modules[site.norm]
+        if rule.neutral is not None:
+            _make_neutral(norm, rule.neutral(norm), self.undo)
+            return
         _replace(self.parents, norm, laid_out(rule.replacement(norm), site.memory_format), self.undo)
+
+
+def _make_neutral(norm: nn.Module, values: Mapping[str, Tensor], undo: Undo) -> None:
+    """Write ``values`` into the norm's own tensors (its class and state_dict keys stay), through ``undo``."""
+    for name, value in values.items():
+        if parametrize.is_parametrized(norm, name):
+            raise ValueError(f"its {name} is parametrized: bnfold cannot make it neutral")
+        target = norm._parameters.get(name, norm._buffers.get(name))
+        if not isinstance(target, Tensor) or target.shape != value.shape:
+            raise ValueError(
+                f"its rule makes {name} neutral with a tensor of shape {tuple(value.shape)}, but it holds "
+                f"{'no tensor ' + name if not isinstance(target, Tensor) else tuple(target.shape)}"
+            )
+        _copy_into(target, value, undo)
 
 
 def apply_backward(surgery: Surgery, site: FoldSite) -> None:
@@ -374,7 +393,7 @@ def _replacements(model: nn.Module, plan: FoldPlan, rules: RuleTable, memo: dict
         norm = model.get_submodule(site.norm)
         # surgery replaces the norm by the rule of its last partner
         rule = rules.rule_for(model.get_submodule(site.partners[-1]), norm, site.direction)
-        if rule is None or rule.replacement not in PURE_REPLACEMENTS or id(norm) in memo:
+        if rule is None or rule.neutral is not None or rule.replacement not in PURE_REPLACEMENTS or id(norm) in memo:
             continue
         try:
             made = laid_out(rule.replacement(norm), site.memory_format)

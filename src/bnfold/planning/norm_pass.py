@@ -1,5 +1,6 @@
 """The per-norm pass: each norm layer folds backward (into the layer before it), else forward (into the
-layers after it), else stays with the reason each direction failed."""
+layers after it), else stays with the reason each direction failed (the norm's own rule may refuse either
+direction outright)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from torch import nn
 from ..discover.graph import Call
 from ..discover.memory_layout import MEMORY_FORMATS
 from ..rules.classes import layer_type
-from ..rules.norms import leaves_nothing
 from .backward import fold_backward
 from .context import Kept, PlanContext
 from .fold_plan import FoldSite, KeptNorm, PlanRow, ReadThrough
@@ -53,7 +53,7 @@ def norm_rows(ctx: PlanContext) -> list[PlanRow]:
             rows[name] = site
             if site.kind == "backward":
                 rule = rules.rule_for(ctx.module(site.partners[0]), norm, "backward")
-                if rule is not None and leaves_nothing(rule.replacement, norm):
+                if rule is not None and rule.leaves_nothing(norm):
                     ctx.transparent.add(name)  # a later norm may read through it into the same layer
         except Kept as keep:
             rows[name] = KeptNorm(name, layer_type(norm).__name__, keep.reason, keep.partner)
@@ -84,7 +84,7 @@ def _decide(norm: nn.Module, ctx: PlanContext) -> FoldSite:
         raise Kept(f"its parameters are also used outside it (by {ctx.graph.foreign_uses[id(norm)]})")
     if calls[0] < 0:
         raise Kept("it runs inside another layer bnfold treats as a whole")
-    own_reason = ctx.rules.own_check(norm)
+    own_reason = ctx.rules.own_check(norm) or ctx.rules.nothing_to_fold(norm)
     if own_reason:
         raise Kept(own_reason)
     call = ctx.graph.calls[calls[0]]
@@ -110,6 +110,9 @@ def _replacement_format(call: Call) -> str | None:
 def _fold(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
     directions = ctx.rules.directions(norm)
     try:
+        not_backward = directions["backward"]
+        if not_backward is not None:
+            raise Kept(not_backward)
         return fold_backward(norm, call, ctx)
     except Kept as backward:
         not_forward = directions["forward"]

@@ -2,16 +2,18 @@
 
 A norm rule holds every fact about a norm type that folding needs, whatever
 layer it folds into: the per-channel affine map it applies, whether it applies
-one right now, its channel axis, the input ranks it accepts, what takes its
-place once folded, and whether a layer after it may absorb it (forward). A new
-norm type is one entry in :func:`builtin_norm_rules` (or one
+one right now, its channel axis, the input ranks it accepts, what remains of it
+once folded (a module in its place, or the norm itself with its affine made the
+identity), and whether a layer before it (backward) or after it (forward) may
+absorb it. A new norm type is one entry in :func:`builtin_norm_rules` (or one
 ``extra_rules=[bnfold.NormRule(...)]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,8 @@ __all__ = [
     "TRAINING_REASON",
     "builtin_norm_rules",
     "norm_affine",
+    "elementwise_affine",
+    "identity_affine",
     "layer_scale_affine",
     "running_stats_reason",
     "no_reason",
@@ -41,9 +45,11 @@ __all__ = [
     "instance_channel_axis",
     "activation_reason",
     "folds_forward",
+    "folds_backward",
     "tensor_attr",
     "require_tensor",
     "STATISTICS_NORMS",
+    "is_neutral",
 ]
 
 
@@ -74,6 +80,22 @@ def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
         tensor_attr(norm, "bias"),
         float(vars(norm)["eps"]),
     )
+
+
+def elementwise_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """The float64 ``(scale, shift)`` of the elementwise affine a norm applies after normalizing, stored as
+    ``weight`` and ``bias`` (either may be ``None``: scale 1, shift 0), as LayerNorm and RMSNorm do. It is
+    the map a layer after the norm absorbs when the norm is made neutral (:func:`identity_affine`)."""
+    weight, bias = tensor_attr(norm, "weight"), tensor_attr(norm, "bias")
+    if weight is None and bias is None:
+        raise AttributeError(f"{type(norm).__name__} has no elementwise affine (no weight, no bias)")
+    scale = None if weight is None else weight.detach().to(torch.float64).flatten()
+    shift = None if bias is None else bias.detach().to(torch.float64).flatten()
+    if scale is None:
+        scale = torch.ones_like(cast(Tensor, shift))
+    if shift is None:
+        shift = torch.zeros_like(scale)
+    return scale, shift
 
 
 def layer_scale_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
@@ -121,6 +143,21 @@ def instance_channel_axis(norm: nn.Module, input_ndim: int) -> int:
 
 
 # -- what remains once folded ------------------------------------------------------------------------------
+
+
+def identity_affine(norm: nn.Module) -> dict[str, Tensor]:
+    """The values that make a norm's elementwise affine the identity: ``weight`` 1 and ``bias`` 0 (those it
+    has). A rule with ``neutral=identity_affine`` leaves the norm in place, normalizing, with these values.
+
+    >>> {k: v.tolist() for k, v in identity_affine(nn.LayerNorm(2)).items()}
+    {'weight': [1.0, 1.0], 'bias': [0.0, 0.0]}
+    """
+    found: dict[str, Tensor] = {}
+    for name, fill in (("weight", 1.0), ("bias", 0.0)):
+        value = tensor_attr(norm, name)
+        if value is not None:
+            found[name] = torch.full_like(value.detach(), fill)
+    return found
 
 
 def identity_replacement(norm: nn.Module) -> nn.Module:
@@ -208,6 +245,11 @@ def folds_forward(norm: nn.Module) -> str | None:
     return None
 
 
+def folds_backward(norm: nn.Module) -> str | None:
+    """A plain norm may fold into the layer before it."""
+    return None
+
+
 def activation_reason(norm: nn.Module) -> str | None:
     """A norm that also applies an activation or dropout (not ``Identity``) folds backward only: what it
     applies sits between its affine map and any layer after it."""
@@ -224,12 +266,17 @@ class NormRule:
 
     Args:
         norm: the norm type (a subclass that only changes construction shares its rule).
-        affine: ``norm -> (scale, shift)``, the float64 per-channel map it applies.
+        affine: ``norm -> (scale, shift)``, the float64 per-channel map it applies (the map that folds).
         check: ``norm -> reason | None``: why it is not a fixed map right now (training mode).
         channel_axis: ``(norm, input_ndim) -> axis`` it acts on.
         input_ranks: the input ranks it accepts (``None``: any); without recorded shapes, bnfold folds only
             where these ranks fix the channel axis.
         replacement: ``norm -> module`` that takes its place once folded (``nn.Identity``).
+        neutral: instead of a replacement, ``norm -> {tensor name: value}``: the norm stays where it is
+            (same class, same state_dict keys) with these values, which make ``affine`` the identity
+            (:func:`identity_affine`: weight 1, bias 0), and only ``affine`` moves into its partners. A norm
+            whose tensors hold these values already has nothing to fold.
+        backward: ``norm -> reason | None``: why the layer before it cannot absorb it.
         forward: ``norm -> reason | None``: why the layers after it cannot absorb it.
 
     >>> class MyBN(nn.BatchNorm2d): ...
@@ -244,15 +291,44 @@ class NormRule:
     input_ranks: tuple[int, ...] | None = None
     replacement: Callable[[nn.Module], nn.Module] = field(default=identity_replacement, compare=False)
     forward: Callable[[nn.Module], str | None] = field(default=folds_forward, compare=False)
+    backward: Callable[[nn.Module], str | None] = field(default=folds_backward, compare=False)
+    neutral: Callable[[nn.Module], Mapping[str, Tensor]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.norm, type) and issubclass(self.norm, nn.Module)):
             raise TypeError(f"NormRule.norm must be an nn.Module subclass, got {self.norm!r}")
+        if self.neutral is not None and self.replacement is not identity_replacement:
+            raise ValueError(
+                f"NormRule({self.norm.__name__}): a folded norm is either replaced (replacement=) or left in "
+                "place made neutral (neutral=), not both; pass one of them"
+            )
+
+    def refusal(self, norm: nn.Module, direction: str) -> str | None:
+        """Why ``norm`` cannot fold in ``direction`` ("backward" or "forward") into any layer."""
+        return (self.forward if direction == "forward" else self.backward)(norm)
 
     def is_linear(self, norm: nn.Module) -> bool:
         """Whether ``norm`` applies nothing but its affine map right now: a fixed map (``check`` finds no
-        reason), and nothing left in its place once folded (:func:`leaves_nothing`)."""
-        return self.check(norm) is None and leaves_nothing(self.replacement, norm)
+        reason), and nothing left in its place once folded (:func:`leaves_nothing`; a norm made neutral
+        stays, and still normalizes)."""
+        return self.check(norm) is None and self.neutral is None and leaves_nothing(self.replacement, norm)
+
+    def is_neutral(self, norm: nn.Module) -> bool:
+        """Whether ``norm`` is made neutral once folded and its tensors hold the neutral values already
+        (folded before): then there is nothing left to fold."""
+        return self.neutral is not None and is_neutral(norm, self.neutral)
+
+
+def is_neutral(norm: nn.Module, neutral: Callable[[nn.Module], Mapping[str, Tensor]]) -> bool:
+    """Whether each tensor ``neutral`` names holds its neutral value already (a norm without an affine, for
+    which ``neutral`` names none, has nothing to fold)."""
+    for name, value in neutral(norm).items():
+        current = tensor_attr(norm, name)
+        if current is None or current.shape != value.shape:
+            return False
+        if not torch.equal(current.detach(), value.to(device=current.device, dtype=current.dtype)):
+            return False
+    return True
 
 
 # Norms that normalize each input with its own statistics: never a fixed map.

@@ -3,7 +3,7 @@
 Knowledge is split by what it describes:
 
 - a :class:`~bnfold.norms.NormRule` per norm type (its affine map, its check, its channel axis, the input
-  ranks it accepts, what replaces it, whether it folds forward);
+  ranks it accepts, what remains of it once folded, whether it folds backward and forward);
 - a :class:`~bnfold.layers.LayerRule` per layer type (its weight layout, its padding rule for forward folds);
 - a :class:`FoldRule` per ``(layer type, norm type, direction)`` only where a pair differs from what the two
   types say on their own, or for a type bnfold does not know otherwise. A pair rule speaks for its own
@@ -12,7 +12,8 @@ Knowledge is split by what it describes:
 A fold of a norm into a layer uses the pair rule when there is one, else the norm's rule and the layer's
 rule together. Types match exactly, or through ancestors that compute the same (see
 :func:`~bnfold.classes.type_chain`). Users add rules per call with ``extra_rules=[...]``; nothing global
-is mutated.
+is mutated. A user's rule for a norm type is consulted before any built-in judgment of that type (a rule
+for ``nn.LayerNorm`` replaces "it normalizes with its own statistics").
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .norms import (
     builtin_norm_rules,
     identity_replacement,
     is_statistics_norm,
+    leaves_nothing,
     looks_like_norm,
     norm_affine,
     running_stats_reason,
@@ -61,6 +63,8 @@ class FoldRule:
         affine: ``norm -> (scale, shift)``, the per-channel affine map the norm applies (float64).
         check: ``norm -> reason | None``; a reason in words when this norm cannot fold right now.
         replacement: ``norm -> module`` that takes the norm's place once folded (``nn.Identity``).
+        neutral: instead of a replacement, ``norm -> {tensor name: value}`` that leave the norm in place with
+            the identity affine (see :class:`~bnfold.norms.NormRule`).
         channel_axis: ``(norm, input_ndim) -> axis`` the norm normalizes over.
         layout: ``"conv"``, ``"conv_transpose"`` or ``"linear"``; inferred from the layer's base class.
 
@@ -78,10 +82,16 @@ class FoldRule:
     replacement: Callable[[nn.Module], nn.Module] = field(default=identity_replacement, compare=False)
     channel_axis: Callable[[nn.Module, int], int] = field(default=batch_channel_axis, compare=False)
     layout: Layout | None = None
+    neutral: Callable[[nn.Module], Mapping[str, Tensor]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.norm, type) and issubclass(self.norm, nn.Module)):
             raise TypeError(f"FoldRule.norm must be an nn.Module subclass, got {self.norm!r}")
+        if self.neutral is not None and self.replacement is not identity_replacement:
+            raise ValueError(
+                f"FoldRule({self.layer.__name__}, {self.norm.__name__}): a folded norm is either replaced "
+                "(replacement=) or left in place made neutral (neutral=), not both; pass one of them"
+            )
         if self.direction not in ("backward", "forward"):
             raise ValueError(f"FoldRule.direction must be 'backward' or 'forward', got {self.direction!r}")
         resolve_layout("FoldRule", self.layer, self.layout)
@@ -93,6 +103,11 @@ class FoldRule:
     @property
     def key(self) -> RuleKey:
         return (self.layer, self.norm, self.direction)
+
+    def leaves_nothing(self, norm: nn.Module) -> bool:
+        """Whether nothing that computes is left where ``norm`` was once folded (a norm made neutral stays,
+        and still normalizes)."""
+        return self.neutral is None and leaves_nothing(self.replacement, norm)
 
 
 RuleKey = tuple[type[nn.Module], type[nn.Module], str]
@@ -109,11 +124,13 @@ def _first(table: Mapping[type[nn.Module], T], module: nn.Module) -> T | None:
 
 @dataclass(frozen=True)
 class RuleTable:
-    """The norm rules, the layer rules and the pair rules of one call."""
+    """The norm rules, the layer rules and the pair rules of one call; ``given``: the norm types the caller's
+    own rules name (consulted before any built-in judgment of those types)."""
 
     norms: dict[type[nn.Module], NormRule]
     layers: dict[type[nn.Module], LayerRule]
     pairs: dict[RuleKey, FoldRule]
+    given: frozenset[type[nn.Module]] = frozenset()
 
     # -- lookups --------------------------------------------------------------------------------------------
     def norm_rule(self, norm: nn.Module) -> NormRule | None:
@@ -135,30 +152,37 @@ class RuleTable:
 
     def rule_for(self, layer: nn.Module, norm: nn.Module, direction: Direction) -> FoldRule | None:
         """How ``norm`` folds into ``layer`` in ``direction``: the pair's own rule, else what the norm's
-        rule and the layer's rule say together; ``None`` when neither applies."""
-        if direction != "backward":  # forward: the norm's own rule may refuse this norm (norm_rule.forward)
-            return self._rule_for(layer, norm, direction)
-        # backward, the answer depends on the two classes alone: asked for every norm by the plan and again by
-        # surgery, it is built once per pair of classes
-        key = (layer_type(layer), layer_type(norm))
-        if key not in self._backward_rules:
-            self._backward_rules[key] = self._rule_for(layer, norm, direction)
-        return self._backward_rules[key]
+        rule and the layer's rule say together (unless the norm's rule refuses this norm that way: its
+        ``backward`` or ``forward``); ``None`` when neither applies."""
+        # the rule depends on the two classes alone: asked for every norm by the plan and again by surgery, it
+        # is built once per pair of classes; only the norm rule's refusal looks at the norm itself
+        key = (layer_type(layer), layer_type(norm), direction)
+        found = self._rules_by_class.get(key)
+        if found is None:
+            found = self._rules_by_class[key] = self._rule_for(layer, norm, direction)
+        rule, norm_rule = found
+        if norm_rule is not None and norm_rule.refusal(norm, direction) is not None:
+            return None
+        return rule
 
     @cached_property
-    def _backward_rules(self) -> dict[tuple[type[nn.Module], type[nn.Module]], FoldRule | None]:
+    def _rules_by_class(
+        self,
+    ) -> dict[tuple[type[nn.Module], type[nn.Module], str], tuple[FoldRule | None, NormRule | None]]:
         return {}
 
-    def _rule_for(self, layer: nn.Module, norm: nn.Module, direction: Direction) -> FoldRule | None:
+    def _rule_for(
+        self, layer: nn.Module, norm: nn.Module, direction: Direction
+    ) -> tuple[FoldRule | None, NormRule | None]:
+        """The rule for the two classes, and the norm rule it was made from (``None`` for a pair rule, which
+        speaks for its own pair)."""
         pair = self.pair_rule(layer, norm, direction)
         if pair is not None:
-            return pair
+            return pair, None
         norm_rule, layer_rule = self.norm_rule(norm), self.layer_rule(layer)
         if norm_rule is None or layer_rule is None:
-            return None
-        if direction == "forward" and norm_rule.forward(norm) is not None:
-            return None
-        return FoldRule(
+            return None, None
+        rule = FoldRule(
             layer_type(layer),
             layer_type(norm),
             direction,
@@ -167,7 +191,9 @@ class RuleTable:
             replacement=norm_rule.replacement,
             channel_axis=norm_rule.channel_axis,
             layout=layer_rule.weight_layout,
+            neutral=norm_rule.neutral,
         )
+        return rule, norm_rule
 
     def forward_reason(self, layer: nn.Module, layout: Layout) -> str | None:
         """Why a norm before ``layer`` cannot fold into it (its padding)."""
@@ -175,18 +201,29 @@ class RuleTable:
         return (layer_rule.forward if layer_rule is not None else padding_reason)(layer, layout)
 
     def directions(self, norm: nn.Module) -> dict[Direction, str | None]:
-        """For each direction, why ``norm`` as such cannot fold that way (``None``: some layer may take it)."""
+        """For each direction, why ``norm`` as such cannot fold that way (``None``: some layer may take it):
+        its own rule's refusal (``backward``, ``forward``), unless a pair rule speaks for that direction.
+        Without a norm rule a backward fold is still tried: the walk names the layer it finds, which says
+        more."""
         norm_rule = self.norm_rule(norm)
         found: dict[Direction, str | None] = {}
         for direction in ("backward", "forward"):
             paired = any(d == direction and has_type(norm, (n,)) for _, n, d in self.pairs)
-            if norm_rule is None:
-                found[direction] = None if paired else f"there is no {direction} fold rule for it"
-            elif direction == "forward" and not paired:
-                found[direction] = norm_rule.forward(norm)
-            else:
+            if paired:
                 found[direction] = None
+            elif norm_rule is None:
+                found[direction] = None if direction == "backward" else f"there is no {direction} fold rule for it"
+            else:
+                found[direction] = norm_rule.refusal(norm, direction)
         return found
+
+    def nothing_to_fold(self, norm: nn.Module) -> str | None:
+        """Why ``norm`` has nothing left to fold: its rule makes it neutral, and it is neutral already (folded
+        before)."""
+        norm_rule = self.norm_rule(norm)
+        if norm_rule is not None and norm_rule.is_neutral(norm):
+            return "its affine is already the identity: nothing to fold"
+        return None
 
     def own_check(self, norm: nn.Module) -> str | None:
         """Why ``norm`` is not a fixed map right now, by its own rule (pair rules check their own pair)."""
@@ -236,6 +273,8 @@ class RuleTable:
     def unfoldable_reason(self, module: nn.Module) -> str | None:
         """Why a norm layer can never fold whatever it is next to, or ``None`` if some rule may apply."""
         kind = layer_type(module)
+        if has_type(module, self.given):
+            return None  # the caller's own rule judges it
         if is_statistics_norm(module):
             return f"{kind.__name__} normalizes each input with its own statistics: not a fixed affine map"
         if has_type(module, self._norm_types):
@@ -250,6 +289,7 @@ class RuleTable:
 def build_rules(extra_rules: Iterable[AnyRule] | AnyRule | None = None) -> RuleTable:
     """The built-in rules plus ``extra_rules`` (which win over built-in rules for the same type or pair)."""
     norms, layers, pairs = builtin_norm_rules(), builtin_layer_rules(), {}
+    given: set[type[nn.Module]] = set()
     if extra_rules is None:
         extra_rules = []
     if isinstance(extra_rules, (FoldRule, NormRule, LayerRule)):
@@ -257,8 +297,10 @@ def build_rules(extra_rules: Iterable[AnyRule] | AnyRule | None = None) -> RuleT
     for rule in extra_rules:
         if isinstance(rule, FoldRule):
             pairs[rule.key] = rule
+            given.add(rule.norm)
         elif isinstance(rule, NormRule):
             norms[rule.norm] = rule
+            given.add(rule.norm)
         elif isinstance(rule, LayerRule):
             layers[rule.layer] = rule
         else:
@@ -266,4 +308,4 @@ def build_rules(extra_rules: Iterable[AnyRule] | AnyRule | None = None) -> RuleT
                 "extra_rules must hold bnfold.FoldRule, bnfold.NormRule or bnfold.LayerRule objects, "
                 f"got {type(rule).__name__}"
             )
-    return RuleTable(norms, layers, pairs)
+    return RuleTable(norms, layers, pairs, frozenset(given))
