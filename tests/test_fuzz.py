@@ -17,6 +17,7 @@ import fuzz  # noqa: E402
 PROGRAMS = 600  # about 25 s on 2 cores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", range(0, PROGRAMS, 100))
 def test_random_programs_fold_equal_or_are_refused(start):
     result = fuzz.fuzz(range(start, start + 100))

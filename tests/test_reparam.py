@@ -742,6 +742,7 @@ def test_layer_check_covers_merges():
 TIMM_REPARAM = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m1", "repghostnet_050"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM_REPARAM)
 def test_timm_no_more_convs_and_norms_run_than_after_its_own_reparameterize(name):
     import copy

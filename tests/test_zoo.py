@@ -62,6 +62,7 @@ def _torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=10, **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision(name):
     folded, kept, size = TORCHVISION[name]
@@ -71,6 +72,7 @@ def test_torchvision(name):
     check_fold(model, torch.randn(*shape), folded=folded, kept=kept)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TIMM))
 def test_timm(name):
     folded, kept, size = TIMM[name]
@@ -159,6 +161,7 @@ TRANSFORMERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRANSFORMERS))
 def test_transformers(name):
     folded, kept, size = TRANSFORMERS[name]
@@ -188,6 +191,7 @@ FLOAT64 = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("library", "name", "size"), FLOAT64, ids=[f"{lib}-{n}" for lib, n, _ in FLOAT64])
 def test_float64_folds_are_exact_to_rounding(library, name, size):
     torch.manual_seed(0)
@@ -243,6 +247,7 @@ class _NormActOnATranspose(nn.Module):
         return self.bn(self.conv(x).transpose(2, 3)).view(x.shape[0], -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "build, size",
     [
