@@ -104,6 +104,11 @@ def _golden(name: str, text: str) -> None:
     assert text == path.read_text()
 
 
+def _needs_onnx() -> None:
+    pytest.importorskip("onnx", reason="the ONNX export needs onnx")
+    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+
+
 # -- inputs ------------------------------------------------------------------------------------------
 def test_builtin_architecture_text_report_matches_golden(tmp_path):
     done = bnfold_cmd("torchvision:resnet18", "--input-shape", "1,3,32,32", "-q", cwd=tmp_path, env_extra=COLUMNS_80)
@@ -310,7 +315,7 @@ def test_safetensors_output(tmp_path, pickled):
 
 
 def test_onnx_export_is_checked(tmp_path, pickled):
-    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+    _needs_onnx()
     out = tmp_path / "m.onnx"
     done = bnfold_cmd(
         str(pickled), "--trust-pickle", "--input-shape", "2,3,8,8", "--onnx", str(out), "--json", "-q", cwd=tmp_path
@@ -399,7 +404,7 @@ def _left_behind(folder: Path) -> list[str]:
 
 
 def test_onnx_check_runs_in_the_exported_dtype(tmp_path):
-    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+    _needs_onnx()
     done = bnfold_cmd(
         "torchvision:resnet18", "--input-shape", "1,3,32,32", "--dtype", "float16", "-o", "f16.pt", "--onnx",
         "f16.onnx", "--json", "-q", cwd=tmp_path,
@@ -412,7 +417,7 @@ def test_onnx_check_runs_in_the_exported_dtype(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
 def test_onnx_that_onnxruntime_cannot_run_is_written_and_says_why(tmp_path, dtype):
-    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+    _needs_onnx()
     out = f"{dtype}.onnx"
     done = bnfold_cmd(
         "torchvision:resnet18", "--input-shape", "1,3,32,32", "--dtype", dtype, "--onnx", out, "-q", cwd=tmp_path
@@ -442,7 +447,7 @@ def test_a_failed_export_leaves_none_of_the_outputs(tmp_path):
 
 
 def test_an_onnx_file_that_computes_something_else_is_not_written(tmp_path):
-    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+    _needs_onnx()
     from cli_models import ExportsSomethingElse
 
     model = _pickle(tmp_path, ExportsSomethingElse())
@@ -474,7 +479,8 @@ def umask(request) -> Iterator[int]:
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], indirect=["umask"])
 def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, mode):
-    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+    _needs_onnx()
+    pytest.importorskip("safetensors", reason="one of the outputs is a .safetensors file")
     from cli_models import OnePair
 
     model = _pickle(tmp_path, OnePair())
@@ -825,6 +831,7 @@ def test_bench_warns_when_the_runs_vary_too_much(tmp_path):
 
 def test_reparameterize_merges_branches_and_the_checkpoint_loads(tmp_path):
     timm = pytest.importorskip("timm", reason="timm:repvgg_a0 needs timm")
+    pytest.importorskip("safetensors", reason="the merged model is written as .safetensors")
     planned = bnfold_cmd(
         "timm:repvgg_a0", "--input-shape", "1,3,64,64", "--reparameterize", "--dry-run", "--json", "-q", cwd=tmp_path
     )

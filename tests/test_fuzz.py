@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import fuzz  # noqa: E402
 
+# the programs draw layers and norms of timm and torchvision too
+pytest.importorskip("timm", reason="the random programs use timm's layers")
+pytest.importorskip("torchvision", reason="the random programs use torchvision's FrozenBatchNorm2d")
+
 PROGRAMS = 600  # about 25 s on 2 cores
 
 

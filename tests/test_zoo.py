@@ -4,14 +4,15 @@ and the exact numbers of folded and kept norm layers are asserted."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
 
 import bnfold
 
 from helpers import check_fold, max_rel_diff, randomize_norms
+
+timm = pytest.importorskip("timm", reason="the zoo holds timm models")
+torchvision = pytest.importorskip("torchvision", reason="the zoo holds torchvision models")
 
 # name: (folded, kept, input size). Kept norms, where any, are explained in the comment.
 TORCHVISION = {
@@ -131,7 +132,7 @@ def test_timm_vision_transformer_layer_scales_fold():
 
 
 def _hf(name: str) -> nn.Module:
-    import transformers as hf
+    hf = pytest.importorskip("transformers", reason="the models are Hugging Face transformers'")
 
     small = {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 2, 1], "num_labels": 10}
     if name == "resnet":
