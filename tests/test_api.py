@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
@@ -237,6 +236,7 @@ def test_pruned_bias_is_kept():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_error_is_no_worse_than_the_unfolded_models(dtype):
     torch.manual_seed(0)
+    torchvision = pytest.importorskip("torchvision", reason="the model is torchvision's resnet18")
     reference = randomize_norms(torchvision.models.resnet18(weights=None)).eval().double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -251,6 +251,7 @@ def test_low_precision_error_is_no_worse_than_the_unfolded_models(dtype):
 
 # -- export ------------------------------------------------------------------------------------------
 def test_folded_resnet_scripts_and_exports():
+    torchvision = pytest.importorskip("torchvision", reason="the model is torchvision's resnet18")
     model = randomize_norms(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
     x = torch.randn(1, 3, 32, 32)
     folded = bnfold.fold(model, x)
@@ -263,6 +264,7 @@ def test_folded_resnet_scripts_and_exports():
 
 
 def test_folded_norm_act_scripts():
+    pytest.importorskip("timm", reason="the norm is timm's BatchNormAct2d")
     from timm.layers import BatchNormAct2d
 
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4))).eval()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -73,6 +72,7 @@ def test_a_reshape_read_elsewhere_keeps_the_norm():
 def conv_bn_scale(*order: str) -> Model:
     """conv -> bn -> LayerScale2d (EfficientFormer's MLP): both fold into the conv, in that order. The parts
     are registered in ``order``, by default the order they run in."""
+    pytest.importorskip("timm", reason="the scale is timm's LayerScale2d")
     from timm.layers import LayerScale2d
 
     parts = {"conv": nn.Conv2d(3, 4, 3), "bn": nn.BatchNorm2d(4), "scale": LayerScale2d(4, init_values=0.5)}
@@ -96,6 +96,7 @@ def test_chain_registered_in_the_other_order_still_applies_in_run_order():
 
 
 def test_no_chain_through_a_norm_that_keeps_an_activation():
+    pytest.importorskip("timm", reason="the norm and scale are timm's")
     from timm.layers import BatchNormAct2d, LayerScale2d
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4), LayerScale2d(4, init_values=0.5)).eval()
@@ -121,6 +122,7 @@ def test_chain_without_example_inputs():
 
 @pytest.mark.parametrize(("name", "folded", "kept"), [("levit_128s", 52, 0), ("efficientformer_l1", 49, 17)])
 def test_timm_architectures_with_reshaped_or_chained_norms(name, folded, kept):
+    timm = pytest.importorskip("timm", reason="the models are timm's")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     check_fold(model, torch.randn(2, 3, 224, 224), folded=folded, kept=kept)
@@ -142,6 +144,7 @@ def test_every_permutation_folds_exactly_when_the_channels_reach_the_norm(perm):
 def norm_act_then_constants(act: bool) -> Model:
     """conv -> timm BatchNormAct2d -> * gamma + beta: the constants chain through the norm only when its
     activation is the identity."""
+    pytest.importorskip("timm", reason="the norm is timm's BatchNormAct2d")
     from timm.layers import BatchNormAct2d
 
     return Model(

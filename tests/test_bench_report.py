@@ -6,10 +6,20 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import report  # noqa: E402
 from report import summary, write_report  # noqa: E402
+
+
+@pytest.fixture
+def plots_not_drawn(monkeypatch):
+    """The report names its plots without drawing them: these tests read its tables (the first test draws
+    the plots)."""
+    monkeypatch.setattr(report, "_plots", lambda results, out, tools: ["bench_speedup.png", "bench_scaling.png"])
 
 
 def test_published_results_render_and_agree_with_the_raw_numbers(tmp_path):
@@ -30,7 +40,7 @@ def test_published_results_render_and_agree_with_the_raw_numbers(tmp_path):
     assert f"| bnfold | {folded} / {total} |" in text
 
 
-def test_cuda_latency_table_appears_only_with_cuda_figures(tmp_path):
+def test_cuda_latency_table_appears_only_with_cuda_figures(tmp_path, plots_not_drawn):
     results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
     write_report(results, tmp_path)
     cpu_only = (tmp_path / "benchmarks.md").read_text()
@@ -44,7 +54,7 @@ def test_cuda_latency_table_appears_only_with_cuda_figures(tmp_path):
     assert text.count("| tv/resnet18 |") == cpu_only.count("| tv/resnet18 |") + 1  # one more table row
 
 
-def test_the_checks_own_measurements_get_their_sections(tmp_path):
+def test_the_checks_own_measurements_get_their_sections(tmp_path, plots_not_drawn):
     results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
     write_report(results, tmp_path)
     assert "## Differential fuzzing" not in (tmp_path / "benchmarks.md").read_text()

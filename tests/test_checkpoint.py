@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
 
 import bnfold
@@ -19,6 +17,13 @@ from bnfold.io import checkpoint
 from bnfold.rules.norms import elementwise_affine, identity_affine, last_channel_axis
 
 from helpers import randomize_norms, state_snapshot
+
+torchvision = pytest.importorskip("torchvision", reason="the checkpoints are of torchvision models")
+
+
+def _needs_safetensors(path: Path) -> None:
+    if path.suffix == ".safetensors":
+        pytest.importorskip("safetensors", reason="a .safetensors checkpoint needs safetensors")
 
 
 def _fold_and_save(make: Any, x: torch.Tensor, path: Path, **kwargs: Any) -> tuple[nn.Module, nn.Module]:
@@ -40,6 +45,7 @@ def _assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
 def test_resnet_round_trip_without_example_inputs(tmp_path, suffix):
     x = torch.randn(2, 3, 32, 32)
     path = tmp_path / f"folded{suffix}"
+    _needs_safetensors(path)
     model, folded = _fold_and_save(lambda: torchvision.models.resnet18(weights=None, num_classes=7), x, path)
     loaded = bnfold.load_folded(torchvision.models.resnet18(weights=None, num_classes=7).eval(), path)
     assert [type(m) for m in loaded.modules()] == [type(m) for m in folded.modules()]
@@ -51,7 +57,9 @@ def test_resnet_round_trip_without_example_inputs(tmp_path, suffix):
 
 def test_timm_norm_act_layers_keep_their_activation(tmp_path):
     x = torch.randn(1, 3, 64, 64)
+    timm = pytest.importorskip("timm", reason="the model is timm's mobilenetv3_small_050")
     path = tmp_path / "m.safetensors"
+    _needs_safetensors(path)
     model, _ = _fold_and_save(lambda: timm.create_model("mobilenetv3_small_050", pretrained=False), x, path)
     loaded = bnfold.load_folded(timm.create_model("mobilenetv3_small_050", pretrained=False).eval(), path)
     kinds = {type(m).__name__ for m in loaded.modules()}
@@ -98,6 +106,7 @@ def _weight_normed() -> nn.Module:
 def test_parametrized_weights_get_their_folded_scale_back(tmp_path):
     x = torch.randn(1, 3, 8, 8)
     path = tmp_path / "m.safetensors"
+    _needs_safetensors(path)
     model, folded = _fold_and_save(_weight_normed, x, path)
     assert len(folded[0].parametrizations.weight) == 2  # weight_norm, then bnfold's scale
     loaded = bnfold.load_folded(_weight_normed().eval(), path)

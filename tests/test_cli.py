@@ -1,29 +1,80 @@
-"""The real ``bnfold`` command, run as a subprocess the way users and pipelines run it."""
+"""The ``bnfold`` command. Most tests run it in this process (``bnfold.cli.main.main`` with its own
+stdout, stderr, folder and environment), as a subprocess would see it but without importing torch again each
+time; the tests of what only a process shows (``python -m bnfold``, the installed launcher, help and argument
+errors answering without importing torch, the exit status of a real process) start one."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 import bnfold
+from bnfold.cli.main import main
 
 from cli_models import Amplifier, SmallNet
+
+torchvision = pytest.importorskip("torchvision", reason="the command's built-in architectures need torchvision")
 
 TESTS = Path(__file__).parent
 GOLDEN = TESTS / "golden"
 COLUMNS_80 = {"COLUMNS": "80"}  # the width the report wraps to, as on an 80-column terminal
 
 
-def bnfold_cmd(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+@dataclass(frozen=True)
+class Done:
+    """What a run of the command gave: its exit status and what it wrote."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _as_a_process_would_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """Run in ``cwd`` with ``env`` set, and leave this process as it was: its folder, environment, import path,
+    and no module imported from ``cwd`` (a pickled model's own module) left behind."""
+    folder, saved_env, saved_path = os.getcwd(), dict(os.environ), list(sys.path)
+    modules = set(sys.modules)
+    os.chdir(cwd)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.chdir(folder)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(cwd)):
+                del sys.modules[name]
+
+
+def bnfold_cmd(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> Done:
+    """Run ``bnfold ARGS`` in this process, its output going to a pipe (not a terminal: the report wraps to
+    80 columns unless ``COLUMNS`` says otherwise, as for a process whose output is captured)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    env = {"COLUMNS": "80", **(env_extra or {})}
+    with _as_a_process_would_run(cwd, env), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse: --help, --version, a bad argument
+            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    return Done(code, stdout.getvalue(), stderr.getvalue())
+
+
+def bnfold_process(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bnfold ARGS`` as a process of its own."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     env.update(env_extra or {})
@@ -53,6 +104,11 @@ def _golden(name: str, text: str) -> None:
     assert text == path.read_text()
 
 
+def _needs_onnx() -> None:
+    pytest.importorskip("onnx", reason="the ONNX export needs onnx")
+    pytest.importorskip("onnxruntime", reason="the ONNX output is checked with onnxruntime")
+
+
 # -- inputs ------------------------------------------------------------------------------------------
 def test_builtin_architecture_text_report_matches_golden(tmp_path):
     done = bnfold_cmd("torchvision:resnet18", "--input-shape", "1,3,32,32", "-q", cwd=tmp_path, env_extra=COLUMNS_80)
@@ -70,13 +126,14 @@ def test_pickled_model_text_report_matches_golden(tmp_path, pickled):
 
 
 def test_pickle_is_refused_without_the_flag(tmp_path, pickled):
-    done = bnfold_cmd(str(pickled), "--input-shape", "2,3,8,8", cwd=tmp_path)
+    # a real process: its exit status is the command's, after torch has loaded
+    done = bnfold_process(str(pickled), "--input-shape", "2,3,8,8", cwd=tmp_path)
     assert done.returncode == 2
     assert "refusing to load" in done.stderr and "--trust-pickle" in done.stderr
 
 
 def test_state_dict_weights_pt_and_safetensors(tmp_path):
-    from safetensors.torch import save_file
+    save_file = pytest.importorskip("safetensors.torch", reason="safetensors weights need safetensors").save_file
 
     torch.manual_seed(3)
     source = torchvision.models.resnet18(weights=None, num_classes=5).eval()
@@ -121,16 +178,15 @@ def test_unknown_name_lists_close_names(tmp_path):
     assert "torchvision:resnet18" in done.stderr
 
 
-def test_missing_library_names_the_extra(tmp_path):
-    fake = tmp_path / "fake"
-    (fake / "timm").mkdir(parents=True)
-    (fake / "timm" / "__init__.py").write_text("raise ImportError('no timm here')\n")
-    done = bnfold_cmd("timm:resnet18", cwd=tmp_path, env_extra={"PYTHONPATH": str(fake)})
+def test_missing_library_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # importing timm fails, as when it is not installed
+    done = bnfold_cmd("timm:resnet18", cwd=tmp_path)
     assert done.returncode == 2
     assert "pip install 'bnfold[timm]'" in done.stderr
 
 
 def test_timm_architecture(tmp_path):
+    pytest.importorskip("timm", reason="timm architectures need timm")
     done = bnfold_cmd("timm:mobilenetv3_small_050", "--input-shape", "1,3,64,64", "--json", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -245,7 +301,7 @@ def test_output_state_dict_whole_module_and_refusals(tmp_path, pickled):
 
 
 def test_safetensors_output(tmp_path, pickled):
-    from safetensors.torch import load_file
+    load_file = pytest.importorskip("safetensors.torch", reason="safetensors outputs need safetensors").load_file
 
     out = tmp_path / "out.safetensors"
     done = bnfold_cmd(str(pickled), "--trust-pickle", "--input-shape", "2,3,8,8", "-o", str(out), "-q", cwd=tmp_path)
@@ -259,7 +315,7 @@ def test_safetensors_output(tmp_path, pickled):
 
 
 def test_onnx_export_is_checked(tmp_path, pickled):
-    pytest.importorskip("onnxruntime")
+    _needs_onnx()
     out = tmp_path / "m.onnx"
     done = bnfold_cmd(
         str(pickled), "--trust-pickle", "--input-shape", "2,3,8,8", "--onnx", str(out), "--json", "-q", cwd=tmp_path
@@ -348,7 +404,7 @@ def _left_behind(folder: Path) -> list[str]:
 
 
 def test_onnx_check_runs_in_the_exported_dtype(tmp_path):
-    pytest.importorskip("onnxruntime")
+    _needs_onnx()
     done = bnfold_cmd(
         "torchvision:resnet18", "--input-shape", "1,3,32,32", "--dtype", "float16", "-o", "f16.pt", "--onnx",
         "f16.onnx", "--json", "-q", cwd=tmp_path,
@@ -361,7 +417,7 @@ def test_onnx_check_runs_in_the_exported_dtype(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
 def test_onnx_that_onnxruntime_cannot_run_is_written_and_says_why(tmp_path, dtype):
-    pytest.importorskip("onnxruntime")
+    _needs_onnx()
     out = f"{dtype}.onnx"
     done = bnfold_cmd(
         "torchvision:resnet18", "--input-shape", "1,3,32,32", "--dtype", dtype, "--onnx", out, "-q", cwd=tmp_path
@@ -391,7 +447,7 @@ def test_a_failed_export_leaves_none_of_the_outputs(tmp_path):
 
 
 def test_an_onnx_file_that_computes_something_else_is_not_written(tmp_path):
-    pytest.importorskip("onnxruntime")
+    _needs_onnx()
     from cli_models import ExportsSomethingElse
 
     model = _pickle(tmp_path, ExportsSomethingElse())
@@ -411,21 +467,26 @@ def test_an_onnx_file_that_computes_something_else_is_not_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.fixture
+def umask(request) -> Iterator[int]:
+    """Run the test under the umask given, as a shell's ``umask`` would set it for the command."""
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], indirect=["umask"])
 def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, mode):
-    pytest.importorskip("onnxruntime")
+    _needs_onnx()
+    pytest.importorskip("safetensors", reason="one of the outputs is a .safetensors file")
     from cli_models import OnePair
 
     model = _pickle(tmp_path, OnePair())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
 
     def run(*args: str) -> None:
-        line = shlex.join(
-            [sys.executable, "-m", "bnfold", str(model), "--trust-pickle", "--input-shape", "1,3,8,8", "-q", *args]
-        )
-        done = subprocess.run(
-            ["sh", "-c", f"umask {umask:03o} && exec {line}"], cwd=tmp_path, env=env, capture_output=True, text=True
-        )
+        done = bnfold_cmd(str(model), "--trust-pickle", "--input-shape", "1,3,8,8", "-q", *args, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
 
     run("-o", "state.pt", "--onnx", "model.onnx")
@@ -575,29 +636,34 @@ def _run_launcher(launcher: Path, *args: str, cwd: Path) -> subprocess.Completed
     )
 
 
-def test_pickled_model_whose_class_is_in_the_current_folder(tmp_path):
+def test_pickled_model_whose_class_is_in_the_current_folder(tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
     (project / "mymodels.py").write_text(MYMODELS)
-    save = "import torch, mymodels; torch.save(mymodels.MyNet().eval(), 'net.pt')"
-    subprocess.run([sys.executable, "-c", save], cwd=project, check=True)
+    with monkeypatch.context() as patch:  # as a training script in that folder would save it
+        patch.syspath_prepend(str(project))
+        import mymodels
+
+        torch.save(mymodels.MyNet().eval(), project / "net.pt")
+        del sys.modules["mymodels"]
+    # a process: the installed command, unlike `python -m`, does not put the current folder on sys.path
     launcher = _installed_command(tmp_path)
     done = _run_launcher(launcher, "net.pt", "--trust-pickle", "--input-shape", "1,3,8,8", "--json", "-q", cwd=project)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["folded"] == 1
     # from another folder, the module cannot be found: the error says where to run bnfold
-    elsewhere = _run_launcher(
-        launcher, str(project / "net.pt"), "--trust-pickle", "--input-shape", "1,3,8,8", cwd=tmp_path
-    )
+    elsewhere = bnfold_cmd(str(project / "net.pt"), "--trust-pickle", "--input-shape", "1,3,8,8", cwd=tmp_path)
     assert elsewhere.returncode == 3
     assert "its classes live in the module 'mymodels', which is not importable from here" in elsewhere.stderr
     assert "run bnfold from the folder that holds mymodels" in elsewhere.stderr
 
 
-def test_pickled_model_whose_class_was_defined_in_a_script(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(MYMODELS + "\ntorch.save(MyNet().eval(), 'net.pt')\n")
-    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True)
+def test_pickled_model_whose_class_was_defined_in_a_script(tmp_path, monkeypatch):
+    script = {"__name__": "__main__"}  # the class of a script run as `python train.py`
+    exec(MYMODELS, script)
+    with monkeypatch.context() as patch:  # pickle finds the class in the running script, as the script did
+        patch.setattr(sys.modules["__main__"], "MyNet", script["MyNet"], raising=False)
+        torch.save(script["MyNet"]().eval(), tmp_path / "net.pt")
     done = bnfold_cmd("net.pt", "--trust-pickle", "--input-shape", "1,3,8,8", cwd=tmp_path)
     assert done.returncode == 3
     assert "its class MyNet was defined in the script that saved it (its __main__)" in done.stderr
@@ -649,6 +715,8 @@ def test_help_version_and_argument_errors_answer_without_torch(tmp_path, args, c
 
 # -- names ----------------------------------------------------------------------------------------------
 def test_timm_pretrained_tag_builds_its_configuration_with_random_weights(tmp_path):
+    pytest.importorskip("timm", reason="timm architectures need timm")
+    load_file = pytest.importorskip("safetensors.torch", reason="safetensors outputs need safetensors").load_file
     done = bnfold_cmd("timm:resnet18.a3_in1k", "--dry-run", "--json", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -658,12 +726,11 @@ def test_timm_pretrained_tag_builds_its_configuration_with_random_weights(tmp_pa
         "timm:mobilenetv3_large_100.miil_in21k", "--input-shape", "1,3,32,32", "-o", "m.safetensors", "-q", cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    from safetensors.torch import load_file
-
     assert load_file(str(tmp_path / "m.safetensors"))["classifier.weight"].shape[0] == 11221  # the tag's classes
 
 
 def test_unknown_timm_tag_lists_known_ones(tmp_path):
+    pytest.importorskip("timm", reason="timm architectures need timm")
     done = bnfold_cmd("timm:resnet18.a9_in1k", cwd=tmp_path)
     assert done.returncode == 2
     assert "unknown timm tag 'a9_in1k' for resnet18; its tags include resnet18." in done.stderr
@@ -679,6 +746,7 @@ def test_unknown_timm_tag_lists_known_ones(tmp_path):
     ],
 )
 def test_bare_architecture_name_suggests_its_library(tmp_path, name, hint):
+    pytest.importorskip("timm", reason="timm architectures need timm")
     done = bnfold_cmd(name, cwd=tmp_path)
     assert done.returncode == 2
     assert f"'{name}' is not a file, and names no architecture on its own; {hint}" in done.stderr
@@ -762,10 +830,8 @@ def test_bench_warns_when_the_runs_vary_too_much(tmp_path):
 
 
 def test_reparameterize_merges_branches_and_the_checkpoint_loads(tmp_path):
-    import timm
-
-    import bnfold
-
+    timm = pytest.importorskip("timm", reason="timm:repvgg_a0 needs timm")
+    pytest.importorskip("safetensors", reason="the merged model is written as .safetensors")
     planned = bnfold_cmd(
         "timm:repvgg_a0", "--input-shape", "1,3,64,64", "--reparameterize", "--dry-run", "--json", "-q", cwd=tmp_path
     )

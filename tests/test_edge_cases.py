@@ -76,6 +76,7 @@ def test_instance_norm_with_running_stats_folds_and_without_is_kept():
 
 
 def test_torchvision_frozen_batchnorm_folds():
+    pytest.importorskip("torchvision", reason="the norm is torchvision's FrozenBatchNorm2d")
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU())
@@ -83,6 +84,7 @@ def test_torchvision_frozen_batchnorm_folds():
 
 
 def test_timm_batchnormact_keeps_its_activation_and_dropout():
+    pytest.importorskip("timm", reason="the norm is timm's BatchNormAct2d")
     from timm.layers import BatchNormAct2d
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)).eval()

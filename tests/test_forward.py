@@ -228,6 +228,8 @@ def test_forward_into_pruned_and_parametrized_layers():
 
 def test_fastai_style_head_folds_both_batchnorm1d():
     """fastai's classifier head: pool -> Flatten -> BN1d -> Dropout -> Linear -> ReLU -> BN1d -> Dropout -> Linear."""
+    pytest.importorskip("fastai", reason="the head is fastai's")
+    pytest.importorskip("torchvision", reason="the body is torchvision's resnet18")
     from fastai.vision.learner import create_vision_model
     from torchvision.models import resnet18
 
@@ -241,6 +243,7 @@ def test_fastai_style_head_folds_both_batchnorm1d():
 
 
 def test_same_padding_conv_takes_norms_after_it_but_never_before():
+    pytest.importorskip("timm", reason="the conv is timm's Conv2dSame")
     from timm.layers import create_conv2d
 
     conv = create_conv2d(4, 4, 3, padding="same", stride=2)  # timm's Conv2dSame: zero padding at run time

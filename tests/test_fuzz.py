@@ -15,9 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import fuzz  # noqa: E402
 from bnfold.reparam.merge_recipe import MergeRecipe
 
+# the programs draw layers and norms of timm and torchvision too
+pytest.importorskip("timm", reason="the random programs use timm's layers")
+pytest.importorskip("torchvision", reason="the random programs use torchvision's FrozenBatchNorm2d")
+
 PROGRAMS = 600  # about 25 s on 2 cores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", range(0, PROGRAMS, 100))
 def test_random_programs_fold_equal_or_are_refused(start):
     result = fuzz.fuzz(range(start, start + 100))

@@ -12,7 +12,7 @@ from bnfold.rules.norms import Contiguous, FoldedNormAct
 
 from helpers import Chain, Model, assert_same_state, check_fold, randomize_norms, state_snapshot
 
-timm_layers = pytest.importorskip("timm.layers")
+timm_layers = pytest.importorskip("timm.layers", reason="these cases use timm's layers")
 
 
 # -- the layout a norm gave its output ------------------------------------------------------------------

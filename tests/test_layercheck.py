@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import bnfold
@@ -195,6 +194,7 @@ def test_verify_must_be_outputs_or_layers():
 
 def test_torchvision_detection_model_folds_under_the_default_check():
     torch.manual_seed(0)
+    torchvision = pytest.importorskip("torchvision", reason="the model is torchvision's ssdlite320")
     model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=5
     ).eval()

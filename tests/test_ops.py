@@ -3,9 +3,10 @@ untested. An op that is not in the table ends a fold's path."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
-import torchvision  # noqa: F401 - registers torchvision's Permute module type with bnfold.rules.third_party
 from torch import nn
 
 import bnfold
@@ -101,12 +102,15 @@ MODULE_CASES = {
     "AdaptiveMaxPool1d": (*bn_module_conv(nn.AdaptiveMaxPool1d(3), X3, 4), "forward"),
     "AdaptiveMaxPool2d": (*bn_module_conv(nn.AdaptiveMaxPool2d(2), X4C, 4), "forward"),
     "AdaptiveMaxPool3d": (*bn_module_conv(nn.AdaptiveMaxPool3d(2), X5, 4), "forward"),
-    "Permute": (
-        Chain(nn.Linear(6, 4), torchvision.ops.misc.Permute([0, 3, 1, 2]), nn.BatchNorm2d(4)),
+}
+if importlib.util.find_spec("torchvision") is not None:  # the op table has torchvision's Permute when it is there
+    from torchvision.ops.misc import Permute
+
+    MODULE_CASES["Permute"] = (
+        Chain(nn.Linear(6, 4), Permute([0, 3, 1, 2]), nn.BatchNorm2d(4)),
         torch.randn(2, 5, 5, 6),
         "backward",
-    ),
-}
+    )
 
 
 def test_every_entry_of_the_op_table_has_a_test():

@@ -218,9 +218,15 @@ def test_every_supported_step_is_drawn():
     assert {step[0] for step in drawn.steps} >= {"conv", "bn", "dropout", "scale", "pool", "roll", "permute", "block"}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=steps_strategy, seed=st.integers(0, 1000))
-def test_folding_never_changes_outputs(steps, seed):
+# Across the generated programs, at least this share of their norm layers must fold: each output matching
+# says nothing about a planner that keeps every norm, so this does. About two thirds fold (measured over five
+# draws of 300 programs: 0.66 to 0.71; the rest stay for good reasons, such as a shared conv or a conv whose
+# output is also read elsewhere); the floor leaves room for the draw of programs to vary.
+MIN_FOLDED_SHARE = 0.6
+
+
+def _fold_and_count(steps: list[tuple[str, int, int, int]], seed: int) -> tuple[int, int]:
+    """Fold one random program and check it; return (its norm layers, how many of them folded)."""
     torch.manual_seed(seed)
     model = randomize_norms(Program(steps), seed).eval()
     x = torch.randn(2, 3, 5, 5)
@@ -237,6 +243,22 @@ def test_folding_never_changes_outputs(steps, seed):
     # the same graph traced symbolically must never fold something execution tracing keeps
     symbolic = bnfold.plan(model)
     assert {s.norm for s in symbolic.sites} <= {s.norm for s in plan.sites}
+    return len(norm_rows), sum(isinstance(r, bnfold.FoldSite) for r in norm_rows)
+
+
+def test_folding_never_changes_outputs():
+    counts = {"norms": 0, "folded": 0}
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(steps=steps_strategy, seed=st.integers(0, 1000))
+    def fold_one(steps, seed):
+        norms, folded = _fold_and_count(steps, seed)
+        counts["norms"] += norms
+        counts["folded"] += folded
+
+    fold_one()
+    assert counts["norms"] >= 300, counts  # the programs are not degenerate: they hold norm layers
+    assert counts["folded"] >= MIN_FOLDED_SHARE * counts["norms"], counts
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -652,6 +652,9 @@ def test_a_kept_branch_may_hold_a_merge_of_its_own():
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_partial_merge_checkpoint_loads_in_one_call(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors", reason="a .safetensors checkpoint needs safetensors")
+
     def build():
         return nn.Sequential(RepVGGWithActivatedBranch(), Coefficients(), Nested(), OwnChildren()).eval()
 
@@ -742,11 +745,12 @@ def test_layer_check_covers_merges():
 TIMM_REPARAM = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m1", "repghostnet_050"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM_REPARAM)
 def test_timm_no_more_convs_and_norms_run_than_after_its_own_reparameterize(name):
     import copy
 
-    import timm
+    timm = pytest.importorskip("timm", reason="the models and their own reparameterize are timm's")
     from timm.utils.model import reparameterize_model
 
     torch.manual_seed(0)
@@ -781,6 +785,9 @@ def test_report_lists_each_merge_with_its_largest_weights():
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_merged_checkpoint_loads_in_one_call(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors", reason="a .safetensors checkpoint needs safetensors")
+
     def build():
         return nn.Sequential(RepVGGBlock(8, 8), MobileOneBlock(8), RepGhostLike(8)).eval()
 
@@ -848,6 +855,7 @@ def test_standalone_bottleneck_stays_when_it_is_cheaper():
 
 
 def test_channels_last_scale_on_a_branch_is_not_a_channel_map():
+    pytest.importorskip("timm", reason="the scale is timm's LayerScale")
     from timm.layers import LayerScale
 
     class LastAxis(nn.Module):  # LayerScale(9) scales the last axis (width 9), not the 8 channels
@@ -865,6 +873,7 @@ def test_channels_last_scale_on_a_branch_is_not_a_channel_map():
 def test_a_layer_scale_on_the_last_axis_is_not_a_channel_scale_to_merge():
     """Found by bench/fuzz.py (seeds 258, 559, 1519, ...): timm's LayerScale(dim) on an (N, C, H, W) value scales
     its last axis (W), so no convolution computes it; bnfold used to take it for a per-channel scale and crash."""
+    pytest.importorskip("timm", reason="the scale is timm's LayerScale")
     from timm.layers import LayerScale
 
     class Block(nn.Module):

@@ -147,8 +147,8 @@ def test_a_plan_that_misreads_the_data_flow_is_refused_although_every_folded_lay
     torch.manual_seed(0)
     model = randomize_norms(WritesAfterTheNormRead().eval())
     x = torch.randn(64, 4)
-    # make the tracer blind to the write, so the plan folds bn into fc1
-    monkeypatch.setattr(bnfold.planning.forward, "changed_later", lambda graph, key, reader: False)
+    # make the tracer and the planner blind to the write, so the plan folds bn into fc1
+    monkeypatch.setattr("bnfold.planning.forward.changed_later", lambda graph, key, reader: False)
     monkeypatch.setattr(bnfold.discover.tracing._ExecutionTracer, "attach_writes", lambda self, call, writes: None)
     assert [s.direction for s in bnfold.plan(model, x).sites] == ["forward"]
     with pytest.raises(bnfold.VerificationError, match="how they are connected") as caught:
