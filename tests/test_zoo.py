@@ -281,8 +281,9 @@ class _NormActOnATranspose(nn.Module):
 def test_folded_copy_is_copying_then_folding_bit_for_bit(build, size):
     """A folded copy does not copy what folding throws away: it puts each folded norm's replacement in its
     place as it copies. The result must be exactly what copying, then folding, gives."""
-    from bnfold.apply.surgery import _REPLACING, _replacements, apply_plan, clone_model, folded_copy
+    from bnfold.apply.surgery import _replacements, apply_plan, clone_model, folded_copy
     from bnfold.discover.tracing import trace_execution
+    from bnfold.kinds import build_kinds
     from bnfold.planning.planner import make_plan
     from bnfold.rules.table import build_rules
 
@@ -292,10 +293,10 @@ def test_folded_copy_is_copying_then_folding_bit_for_bit(build, size):
     x = torch.randn(2, 3, size, size)
     rules = build_rules(None)
     recorded = rules.layer_types() | rules.norm_types()
-    plan = make_plan(model, trace_execution(model, (x,), recorded, recorded), rules)
+    plan = make_plan(model, trace_execution(model, (x,), recorded, recorded), rules, build_kinds())
     assert plan.sites and not plan.kept, str(plan)
     replaced = _replacements(model, plan, rules, {})
-    assert set(replaced) == {s.norm for s in plan.sites if s.kind in _REPLACING}
+    assert set(replaced) == {s.norm for s in plan.sites if plan.kind(s).residue == "rule"}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     expected = clone_model(model)
     apply_plan(expected, plan, rules, undoable=False)

@@ -100,6 +100,7 @@ class KeptNorm:
     norm_type: str
     reason: str
     partner: str | None = None
+    kind: str | None = None  # the kind of transform it was kept out of, when not a norm's fold ("equalize")
 
     @property
     def decision(self) -> str:

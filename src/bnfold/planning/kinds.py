@@ -65,7 +65,9 @@ class FoldKind:
             one pass: it runs once); ``None``: rows of this kind come from another kind's pass.
         order: passes run in ascending order (built-in: merges 10, norms 20, constants 30); a pass reads the
             rows decided before it in ``ctx.decided``.
-        opt_in: the option that must be on for its pass to run (``"reparameterize"``), or ``None``.
+        opt_in: the option that must be on for its pass to run, or ``None``: ``"reparameterize"`` (its pass
+            runs with the folds, first), ``"equalize"`` (its pass runs in a second round, on the folded model:
+            after every fold and merge).
         payload: the type of ``FoldSite.payload`` for rows of this kind (``None``: none).
         residue: what becomes of the folded norm (see :data:`Residue`).
         word: the decision the report shows ("folded", "merged").
@@ -79,7 +81,7 @@ class FoldKind:
     probe: ProbeRole
     plan_pass: PlanPass | None = None
     order: int = 50
-    opt_in: Literal["reparameterize"] | None = None
+    opt_in: Literal["reparameterize", "equalize"] | None = None
     payload: type | None = None
     residue: Residue = "rule"
     word: str = "folded"
@@ -94,5 +96,7 @@ class FoldKind:
             raise TypeError(f"FoldKind '{self.name}': step must be callable (surgery, site) -> None")
         if not isinstance(self.probe, ProbeRole):
             raise TypeError(f"FoldKind '{self.name}': probe must be a ProbeRole, got {self.probe!r}")
-        if self.opt_in not in (None, "reparameterize"):
-            raise ValueError(f"FoldKind '{self.name}': opt_in must be None or 'reparameterize', got {self.opt_in!r}")
+        if self.opt_in not in (None, "reparameterize", "equalize"):
+            raise ValueError(
+                f"FoldKind '{self.name}': opt_in must be None, 'reparameterize' or 'equalize', got {self.opt_in!r}"
+            )

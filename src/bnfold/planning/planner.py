@@ -11,6 +11,7 @@ Without ``reparameterize``, a norm kept in branches that a merge would take says
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from torch import nn
 
@@ -21,15 +22,21 @@ from .context import PlanContext
 from .fold_plan import FoldPlan, FoldSite, KeptNorm, PlanRow
 from .kinds import FoldKind, PlanPass
 
-__all__ = ["passes_of", "make_plan"]
+__all__ = ["Stage", "passes_of", "make_plan"]
 
 
-def passes_of(kinds: Mapping[str, FoldKind], reparameterize: bool) -> list[PlanPass]:
-    """The passes of ``kinds`` in their declared order, each once; those that need ``reparameterize`` only
-    with it."""
+Stage = Literal["fold", "equalize"]
+
+
+def passes_of(kinds: Mapping[str, FoldKind], reparameterize: bool, stage: Stage = "fold") -> list[PlanPass]:
+    """The passes of ``kinds`` for ``stage`` in their declared order, each once: for ``"fold"``, every kind's
+    but the equalization round's (those that need ``reparameterize`` only with it); for ``"equalize"``, the
+    kinds that run on the folded model."""
     found: dict[int, tuple[int, PlanPass]] = {}
     for kind in kinds.values():
-        if kind.plan_pass is None or (kind.opt_in == "reparameterize" and not reparameterize):
+        if kind.plan_pass is None or (kind.opt_in == "equalize") != (stage == "equalize"):
+            continue
+        if kind.opt_in == "reparameterize" and not reparameterize:
             continue
         order, _ = found.get(id(kind.plan_pass), (kind.order, kind.plan_pass))
         found[id(kind.plan_pass)] = (min(order, kind.order), kind.plan_pass)
@@ -45,13 +52,14 @@ def make_plan(
     reparameterize: bool = False,
     refused: Mapping[str, str] | None = None,
     hints: bool = True,
+    stage: Stage = "fold",
 ) -> FoldPlan:
     """Decide, for every norm layer (and channel-wise constant) of ``model``, whether and where it folds,
     with the passes of ``kinds`` (:func:`passes_of`). ``refused``: norms, constants and merged blocks to keep (name -> the reason).
     ``hints``: a kept norm that ``reparameterize=True`` would merge says so in its reason."""
     ctx = PlanContext(model, graph, rules, refused=dict(refused or {}))
     rows: dict[str, PlanRow] = ctx.decided  # by name, in the order found
-    for run in passes_of(kinds, reparameterize):
+    for run in passes_of(kinds, reparameterize, stage):
         for row in run(ctx):
             if isinstance(row, FoldSite) and row.kind not in kinds:
                 raise ValueError(f"a planning pass made a row of kind '{row.kind}', which no FoldKind names")
@@ -60,7 +68,8 @@ def make_plan(
     kept_names = {name for name, row in rows.items() if not isinstance(row, FoldSite)}
     # Only a kept row shows a hint, so the branches (whose analysis costs as much as a merge) are looked at
     # only when there is one; no pass above claims anything without reparameterize.
-    merges = merge_hints(ctx, kept_names) if hints and kept_names and not reparameterize and graph.has_shapes else {}
+    hinted = hints and stage == "fold" and kept_names and not reparameterize and graph.has_shapes
+    merges = merge_hints(ctx, kept_names) if hinted else {}
     sites: list[FoldSite] = []  # in the order surgery applies them: the order each pass gives
     kept: list[KeptNorm] = []
     for row in rows.values():
