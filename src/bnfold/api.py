@@ -11,7 +11,8 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from .apply.surgery import Undo, apply_plan, clone_model, folded_copy, undo_all
+from .apply.edits import EditLog
+from .apply.surgery import apply_plan, clone_model, folded_copy, undo_all
 from .check.isolate import Run, failure_reason, first_breaking_fold, refusal_name
 from .check.per_layer import Probes, Recording, compare, probes_for, record
 from .check.verify import (
@@ -294,7 +295,7 @@ def _apply_and_run(
     reparameterize: bool,
     runner: Callable[[FoldPlan], Run],
     hints: bool = True,
-) -> tuple[nn.Module, Undo, FoldPlan, Any]:
+) -> tuple[nn.Module, EditLog, FoldPlan, Any]:
     """Fold ``found`` into ``model`` (or a copy) and run the result once (without example inputs: trace it
     again). A fold that cannot be applied, or that makes the run fail, is kept with the reason (see
     :mod:`bnfold.isolate`), and the model is planned and folded again without it: one bad fold never blocks
@@ -306,7 +307,7 @@ def _apply_and_run(
             if inplace:
                 target, undo = model, apply_plan(model, found, rules, undoable=True)
             else:  # a failed copy is simply dropped
-                target, undo = folded_copy(model, found, rules), Undo(enabled=False)
+                target, undo = folded_copy(model, found, rules), EditLog(undoable=False)
         except FoldError as error:
             site = next((s for s in found.sites if s.norm == error.norm), None)
             if site is None:
