@@ -226,9 +226,23 @@ class EditLog:
         self.changes.append(ParametrizationAppended(module, tensor, step))
 
     def _append_parametrization(self, module: nn.Module, tensor: str, step: nn.Module) -> None:
+        if parametrize.is_parametrized(module, tensor):
+            parametrize.register_parametrization(module, tensor, step)
+            steps = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[tensor])
+            self._way_back(lambda: steps.__delitem__(len(steps) - 1))
+            return
+        order = list(module._parameters), list(module._buffers)
         parametrize.register_parametrization(module, tensor, step)
-        steps = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[tensor])
-        self._way_back(lambda: steps.__delitem__(len(steps) - 1))
+
+        def unregister() -> None:
+            # the tensor is registered again, as itself, last: put it back where it was
+            parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+            for table, names in zip((module._parameters, module._buffers), order, strict=True):
+                held = dict(table)
+                table.clear()
+                table.update((name, held[name]) for name in names if name in held)
+
+        self._way_back(unregister)
 
     # -- tensors -----------------------------------------------------------------------------------------
     def set_tensors(self, module: nn.Module, values: Mapping[str, Tensor | float]) -> None:
