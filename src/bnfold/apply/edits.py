@@ -237,10 +237,8 @@ class EditLog:
         def unregister() -> None:
             # the tensor is registered again, as itself, last: put it back where it was
             parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
-            for table, names in zip((module._parameters, module._buffers), order, strict=True):
-                held = dict(table)
-                table.clear()
-                table.update((name, held[name]) for name in names if name in held)
+            _reorder(module._parameters, order[0])
+            _reorder(module._buffers, order[1])
 
         self._way_back(unregister)
 
@@ -328,6 +326,13 @@ class EditLog:
         """Map the layer's output channels ``y`` to ``scale * y + shift`` (its weight and its bias)."""
         self.scale_weight(layer, scale, layout, "output")
         self.map_bias(layer, scale, shift)
+
+
+def _reorder(table: dict[str, Any], names: list[str]) -> None:
+    held = dict(table)
+    table.clear()
+    table.update((name, held[name]) for name in names if name in held)
+    table.update((name, value) for name, value in held.items() if name not in table)
 
 
 def _put_back(parent: nn.Module, attr: str, module: nn.Module) -> Callable[[], None]:
