@@ -4,6 +4,7 @@ step (and its role for the per-layer check)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -124,14 +125,20 @@ def _gain_rows(ctx: PlanContext) -> list[PlanRow]:
 
 
 def _apply_gain(step: surgery.Surgery, site: FoldSite) -> None:
-    """Its surgery step: scale the conv's weight and bias, and take the Gain out."""
+    """Its surgery step, made of public edits (so a failed check takes it back): scale the conv's output
+    channels, and put an Identity wherever the Gain is registered."""
     gain, conv = step.modules[site.norm], step.modules[site.partners[0]]
-    with torch.no_grad():
-        conv.weight.mul_(gain.g)
-        if conv.bias is not None:
-            conv.bias.mul_(gain.g)
-    for parent, attr in step.parents[id(gain)]:
-        parent._modules[attr] = nn.Identity()
+    scale = torch.full((conv.out_channels,), gain.g, dtype=torch.float64)
+    step.log.map_output(conv, scale, torch.zeros_like(scale), "conv")
+    step.log.replace(gain, nn.Identity(), step.parents[id(gain)])
+
+
+def _wrong_rule() -> bnfold.FoldRule:
+    def wrong_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = bnfold.rules.norms.norm_affine(norm)
+        return scale * 2, shift
+
+    return bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, affine=wrong_affine)
 
 
 def test_a_new_kind_of_fold_is_one_pass_and_one_surgery_step(monkeypatch):
@@ -145,4 +152,8 @@ def test_a_new_kind_of_fold_is_one_pass_and_one_surgery_step(monkeypatch):
     assert isinstance(result.model.s1, nn.Identity) and isinstance(model.s1, Gain)
     layers = bnfold.fold_with_report(model, x, verify="layers")  # the per-layer check knows the new kind
     assert layers.report.checked == "layers" and layers.report.max_abs_error < 1e-5
+    weight = model.s0.weight.detach().clone()
+    with pytest.raises(bnfold.VerificationError):  # a failed check in place takes the new kind's edits back too
+        bnfold.fold(model, x, inplace=True, extra_rules=[_wrong_rule()])
+    assert isinstance(model.s1, Gain) and torch.equal(model.s0.weight, weight)
     assert "gain" in str(result.report.plan) or "<- s0" in str(result.report.plan)
