@@ -20,7 +20,7 @@ import bnfold
 from bnfold.apply import surgery
 from bnfold.apply.edits import EditLog, Replaced, places
 from bnfold.apply.records import describe_fold, record_of_edits
-from bnfold.apply.surgery import apply_plan, copy_and_fold
+from bnfold.apply.surgery import apply_plan, clone_model, copy_and_fold
 from bnfold.planning.fold_plan import FoldSite
 from bnfold.rules.table import build_rules
 
@@ -359,3 +359,14 @@ def test_the_record_from_the_log_has_what_the_fold_changed():
     assert [(b.path, b.shape) for b in record.biases] == [("conv", [8])]
     assert [(p.path, p.tensor, p.module) for p in record.parametrizations] == [("fc", "weight", "ChannelScale")]
     assert [(b.path, b.value) for b in record.buffers] == [("shift", "zeros")]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "in place"])
+def test_a_fold_result_carries_the_log_its_record_is_written_from(inplace):
+    torch.manual_seed(0)
+    model = randomize_norms(_NeutralShift()).eval()
+    original = clone_model(model)
+    result = bnfold.fold_with_report(model, torch.randn(1, 3, 8, 8), inplace=inplace)
+    assert (result.model is model) == inplace
+    assert record_of_edits(result.edits, result.model) == describe_fold(original, result.model)
+    assert result.edits.changes and result.edits._back == []  # the fold stands: no old weights kept

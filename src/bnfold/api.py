@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from .apply.edits import EditLog
-from .apply.surgery import apply_plan, clone_model, folded_copy, undo_all
+from .apply.surgery import apply_plan, clone_model, copy_and_fold, undo_all
 from .check.isolate import Run, failure_reason, first_breaking_fold, refusal_name
 from .check.per_layer import Probes, Recording, compare, probes_for, record
 from .check.verify import (
@@ -149,10 +149,12 @@ def plan(
 
 @dataclass(frozen=True)
 class FoldResult:
-    """The folded model and the report of what happened."""
+    """The folded model, the report of what happened, and the log of the edits that folded it (from which
+    :func:`bnfold.apply.records.record_of_edits` writes the record a folded checkpoint carries)."""
 
     model: nn.Module
     report: FoldReport
+    edits: EditLog = field(default_factory=EditLog, repr=False, compare=False)
 
 
 def fold_with_report(
@@ -307,7 +309,7 @@ def _apply_and_run(
             if inplace:
                 target, undo = model, apply_plan(model, found, rules, undoable=True)
             else:  # a failed copy is simply dropped
-                target, undo = folded_copy(model, found, rules), EditLog(undoable=False)
+                target, undo = copy_and_fold(model, found, rules)
         except FoldError as error:
             site = next((s for s in found.sites if s.norm == error.norm), None)
             if site is None:
@@ -440,7 +442,8 @@ def _fold(
         checked,
         merge_weights,
     )
-    return FoldResult(target, report)
+    undo.commit()  # the fold stands: the result keeps what it changed, not the old weights
+    return FoldResult(target, report, undo)
 
 
 def fold(

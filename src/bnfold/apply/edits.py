@@ -199,11 +199,19 @@ class EditLog:
             self._back.append(step)
 
     def undo(self) -> None:
-        """Take every edit back, newest first, and forget them."""
+        """Take every edit back, newest first, and forget them. A log without a way back takes nothing back: its
+        edits stand, and so does its description of them."""
+        if not self.undoable:
+            return
         for step in reversed(self._back):
             step()
         self._back.clear()
         self.changes.clear()
+
+    def commit(self) -> None:
+        """Keep the edits: drop their way back and the old values it holds (the description stays)."""
+        self.undoable = False
+        self._back.clear()
 
     def note(self, change: Change) -> None:
         """Describe a change made outside the log (a copy made with a replacement in place): no way back."""
