@@ -180,7 +180,7 @@ class EditLog:
     >>> log.map_bias(m[0], torch.ones(2), torch.full((2,), 0.5))
     >>> log.replace(m[1], nn.Identity(), places(m.modules())[id(m[1])])
     >>> [type(c).__name__ for c in log.changes]
-    ['BiasAdded', 'BiasMapped', 'Replaced']
+    ['BiasMapped', 'BiasAdded', 'Replaced']
     >>> log.undo()
     >>> m[0].bias is None, type(m[1]).__name__
     (True, 'BatchNorm1d')

@@ -25,7 +25,7 @@ from ..rules.layers import CONVS, out_channels
 from ..rules.norms import PURE_REPLACEMENTS, laid_out, require_tensor
 from ..rules.table import FoldRule, RuleTable
 from ..rules.weight_hooks import effective_weight
-from .edits import EditLog, Replaced, places
+from .edits import EditLog, Place, Replaced, places
 from .fold_arithmetic import input_shift_response
 
 __all__ = [
@@ -72,7 +72,7 @@ class Surgery:
     # folded norms a folded copy has replaced already (see folded_copy): name -> the original norm
     replaced: dict[str, nn.Module] = field(default_factory=dict)
     modules: dict[str, nn.Module] = field(default_factory=dict)
-    parents: dict[int, list[tuple[nn.Module, str]]] = field(default_factory=dict)
+    parents: dict[int, list[Place]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modules = dict(self.model.named_modules())
