@@ -4,6 +4,7 @@ bnfold.load_folded rebuilds that structure on a freshly built model, without exa
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,29 @@ def test_parametrized_weights_get_their_folded_scale_back(tmp_path):
     assert [type(p).__name__ for p in loaded[0].parametrizations.weight] == [
         type(p).__name__ for p in folded[0].parametrizations.weight
     ]
+    _assert_same_outputs(loaded, model, x)
+
+
+def _without_biases() -> nn.Module:
+    """Layers without bias whose weight a pre-hook computes: pruned, and the older hook-based weight_norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, bias=False))
+    model.append(nn.BatchNorm2d(4))
+    nn.utils.prune.l1_unstructured(model[0], "weight", 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated for the parametrization, still met in checkpoints
+        nn.utils.weight_norm(model[2])
+    return model
+
+
+def test_layers_with_computed_weights_get_the_bias_folding_gave_them(tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    path = tmp_path / "m.pt"
+    model, folded = _fold_and_save(_without_biases, x, path)
+    record = json.loads((tmp_path / "m.pt.bnfold.json").read_text())
+    assert record["biases"] == [{"path": "0", "shape": [8]}, {"path": "2", "shape": [4]}]
+    loaded = bnfold.load_folded(_without_biases().eval(), path)
+    assert loaded[0].bias is not None and loaded[2].bias is not None
     _assert_same_outputs(loaded, model, x)
 
 

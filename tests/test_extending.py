@@ -127,14 +127,20 @@ def _gain_rows(ctx: PlanContext) -> list[PlanRow]:
 
 
 def _apply_gain(step: surgery.Surgery, site: FoldSite) -> None:
-    """Its surgery step: scale the conv's weight and bias, and take the Gain out."""
+    """Its surgery step, made of public edits (so a failed check takes it back): scale the conv's output
+    channels, and put an Identity wherever the Gain is registered."""
     gain, conv = step.modules[site.norm], step.modules[site.partners[0]]
-    with torch.no_grad():
-        conv.weight.mul_(gain.g)
-        if conv.bias is not None:
-            conv.bias.mul_(gain.g)
-    for parent, attr in step.parents[id(gain)]:
-        parent._modules[attr] = nn.Identity()
+    scale = torch.full((conv.out_channels,), gain.g, dtype=torch.float64)
+    step.log.map_output(conv, scale, torch.zeros_like(scale), "conv")
+    step.log.replace(gain, nn.Identity(), step.parents[id(gain)])
+
+
+def _wrong_rule() -> bnfold.FoldRule:
+    def wrong_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = bnfold.rules.norms.norm_affine(norm)
+        return scale * 2, shift
+
+    return bnfold.FoldRule(nn.Conv2d, nn.BatchNorm2d, affine=wrong_affine)
 
 
 GAIN = bnfold.FoldKind("gain", _apply_gain, bnfold.ProbeRole("after"), _gain_rows, order=40)
@@ -151,6 +157,10 @@ def test_a_new_kind_of_fold_is_one_registered_object():
     assert layers.report.checked == "layers" and layers.report.max_abs_error < 1e-5
     assert ["s1", "Gain", "folded", "<-", "s0"] in [line.split() for line in str(result.report.plan).splitlines()]
     assert [s.kind for s in bnfold.plan(model, x).sites] == ["backward"]  # nothing was registered for good
+    weight = model.s0.weight.detach().clone()
+    with pytest.raises(bnfold.VerificationError):  # a failed check in place takes the new kind's edits back too
+        bnfold.fold(model, x, inplace=True, extra_rules=[_wrong_rule()], extra_kinds=[GAIN])
+    assert isinstance(model.s1, Gain) and torch.equal(model.s0.weight, weight)
 
 
 def test_a_kind_is_checked_when_it_is_given():
@@ -186,15 +196,8 @@ def _apply_balance(step: surgery.Surgery, site: FoldSite, compensate: bool = Tru
     r2 = consumer.weight.detach().double().abs().amax(dim=(0, 2, 3))
     s = torch.sqrt(r1 * r2) / r2  # equal ranges on both sides
     s_in = s if compensate else torch.ones_like(s)
-    for t, scale in (
-        (producer.weight, 1 / s.view(-1, 1, 1, 1)),
-        (producer.bias, 1 / s),
-        (consumer.weight, s_in.view(1, -1, 1, 1)),
-    ):
-        old = t.detach().clone()
-        with torch.no_grad():
-            t.copy_((t.double() * scale).to(t.dtype))
-        step.undo.append(lambda t=t, old=old: t.data.copy_(old))
+    step.log.map_output(producer, 1 / s, torch.zeros_like(s), "conv")  # through the public edits
+    step.log.scale_weight(consumer, s_in, "conv", "input")
 
 
 BALANCE = bnfold.FoldKind("balance", _apply_balance, bnfold.ProbeRole("span"), _balance_rows, residue="none")

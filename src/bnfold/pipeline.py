@@ -8,10 +8,11 @@ this one only puts them in order. Nothing here checks an argument: :mod:`bnfold.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from .apply.edits import EditLog
 from .check.isolate import apply_until_it_runs
 from .check.strategy import Measured, choose_check, judge_run
 from .discover.graph import DataFlowGraph
@@ -28,10 +29,12 @@ __all__ = ["FoldResult", "discover", "plan_model", "fold_model"]
 
 @dataclass(frozen=True)
 class FoldResult:
-    """The folded model and the report of what happened."""
+    """The folded model, the report of what happened, and the log of the edits that folded it (from which
+    :func:`bnfold.apply.records.record_of_edits` writes the record a folded checkpoint carries)."""
 
     model: nn.Module
     report: FoldReport
+    edits: EditLog = field(default_factory=EditLog, repr=False, compare=False)
 
 
 def discover(model: nn.Module, options: FoldOptions) -> DataFlowGraph:
@@ -93,5 +96,7 @@ def fold_model(model: nn.Module, options: FoldOptions, stacklevel: int) -> FoldR
     check = choose_check(model, graph, options)
     weights = {s.norm: largest_weight(model, s.partners) for s in found.sites if isinstance(s.payload, MergeRecipe)}
     target, undo, found, first = apply_until_it_runs(model, graph, found, options, check.runner)
-    measured = judge_run(model, target, undo, found, options, check, first)
-    return FoldResult(target, _report(found, before, target, measured, weights))
+    measured, undo = judge_run(model, target, undo, found, options, check, first)
+    report = _report(found, before, target, measured, weights)
+    undo.commit()  # the fold stands: the result keeps what it changed, not the old weights
+    return FoldResult(target, report, undo)

@@ -1,9 +1,11 @@
 """The record of a folded structure: what folding changed in a model, module by module, as JSON.
 
-The record is found by comparing the folded model with an unfolded one of the same architecture, module by
-module: which paths now hold another module (``nn.Identity``, bnfold's ``FoldedNormAct``, ...), which layers
-gained a bias, which parametrizations were appended (a folded scale behind ``parametrize``), and which
-non-persistent buffers were set to a neutral value (they are not in a state_dict).
+The record says which paths now hold another module (``nn.Identity``, bnfold's ``FoldedNormAct``, ...), which
+layers gained a bias, which parametrizations were appended (a folded scale behind ``parametrize``), and which
+non-persistent buffers were set to a neutral value (they are not in a state_dict). It is written from the
+:class:`~bnfold.apply.edits.EditLog` of the fold (:func:`record_of_edits`) or, given only the two models, found
+by comparing the folded one with an unfolded one of the same architecture (:func:`describe_fold`); both walk
+the folded model the same way, so they give the same record.
 
 Each module class bnfold puts into a model describes itself: an entry of ``_RECORDED`` names the class and
 says how to turn an instance into a JSON-ready spec (``to_record``) and back (``from_record``, given the
@@ -25,7 +27,7 @@ from ..errors import CheckpointError
 from ..reparam.merged_conv import MergedConv
 from ..rules.classes import layer_type
 from ..rules.norms import Contiguous, FoldedNormAct, norm_act_replacement
-from .surgery import ChannelAffine, ChannelScale
+from .edits import BiasAdded, ChannelAffine, ChannelScale, EditLog, ParametrizationAppended, Replaced, TensorsSet
 
 __all__ = [
     "FoldRecord",
@@ -35,6 +37,7 @@ __all__ = [
     "NeutralBuffer",
     "RecordedClass",
     "describe_fold",
+    "record_of_edits",
     "recorded",
     "recorded_name",
     "recorded_class",
@@ -281,9 +284,134 @@ def has_tensor(module: nn.Module, name: str) -> bool:
     return isinstance(module._parameters.get(name), Tensor) or isinstance(module._buffers.get(name), Tensor)
 
 
+@dataclass(frozen=True)
+class _Changed:
+    """What changed at one module of the folded model: it replaced a module of class ``was``; or it gained a
+    bias, the parametrization steps ``steps`` ((tensor, step)), neutral ``buffers`` ((name, "ones"/"zeros"))."""
+
+    was: type[nn.Module] | None = None
+    bias: bool = False
+    steps: tuple[tuple[str, nn.Module], ...] = ()
+    buffers: tuple[tuple[str, str], ...] = ()
+
+
+_UNCHANGED = _Changed()
+
+
+class _Walk:
+    """The modules of a folded model, path by path in ``named_modules`` order (every alias), without what lies
+    inside a replacement (but with the modules it carries over under their own names, its ``survivors``) and
+    without parametrization steps (described with their owner)."""
+
+    def __init__(self) -> None:
+        # replaced paths -> the children the replacement carries over under their own names (``survivors``, as
+        # a MergedConv keeps the modules around its branches): what else is under them belongs to the replacement
+        self.inside: dict[str, tuple[str, ...]] = {}
+
+    def covered(self, path: str) -> bool:
+        if "parametrizations" in path.split("."):
+            return True
+        for prefix, survivors in self.inside.items():
+            if path.startswith(prefix + "."):
+                rest = path[len(prefix) + 1 :]
+                if not any(rest == s or rest.startswith(s + ".") for s in survivors):
+                    return True
+        return False
+
+    def record(self, folded: nn.Module, changed: Callable[[str, nn.Module], _Changed]) -> FoldRecord:
+        """The record of ``folded``, given what ``changed`` at each path."""
+        replaced: list[Replacement] = []
+        biases: list[AddedBias] = []
+        added: list[AddedParametrization] = []
+        buffers: list[NeutralBuffer] = []
+        for path, module in folded.named_modules(remove_duplicate=False):
+            if self.covered(path):
+                continue
+            change = changed(path, module)
+            where = f"'{path}'" if path else "the model"
+            if change.was is not None:
+                name = recorded_name(module)
+                if name is None:
+                    raise CheckpointError(
+                        f"{where} was {change.was.__name__} and is now {type(module).__name__}, which bnfold cannot "
+                        "record (a replacement from a custom rule?); save the whole module instead, "
+                        "torch.save(folded) (--save-module on the command line)"
+                    )
+                replaced.append(Replacement(path, change.was.__name__, name, _RECORDED[name].to_record(module)))
+                self.inside[path] = tuple(getattr(module, "survivors", ()))
+                continue
+            bias = module._parameters.get("bias")
+            if change.bias and isinstance(bias, Tensor):
+                biases.append(AddedBias(path, list(bias.shape)))
+            for tensor, step in change.steps:
+                name = recorded_name(step)
+                if name is None:
+                    raise CheckpointError(
+                        f"{where}: a {type(step).__name__} parametrization of {tensor} was added, which bnfold "
+                        "cannot record; save the whole module instead, torch.save(folded)"
+                    )
+                added.append(AddedParametrization(path, tensor, name, _RECORDED[name].to_record(step)))
+            buffers.extend(NeutralBuffer(f"{path}.{b}" if path else b, value) for b, value in change.buffers)
+        return FoldRecord(type(folded).__name__, tuple(replaced), tuple(biases), tuple(added), tuple(buffers))
+
+
+def _steps(module: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """(tensor, index, step) for each parametrization step of ``module``, in order."""
+    found: list[tuple[str, int, nn.Module]] = []
+    for tensor in getattr(module, "parametrizations", {}):
+        steps = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[tensor])
+        found.extend((tensor, index, step) for index, step in enumerate(steps))
+    return found
+
+
+def record_of_edits(log: EditLog, folded: nn.Module) -> FoldRecord:
+    """What folding changed in the structure of ``folded``, from the log of the edits that folded it (see
+    :func:`bnfold.apply.surgery.copy_and_fold`): the same record as :func:`describe_fold` gives, without an
+    unfolded model to compare with.
+
+    >>> from bnfold.apply.edits import places
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    >>> log = EditLog(undoable=False)
+    >>> log.map_bias(m[0], torch.ones(8), torch.zeros(8))
+    >>> log.replace(m[1], nn.Identity(), places(m.modules())[id(m[1])])
+    >>> record = record_of_edits(log, m)
+    >>> [(r.path, r.was, r.module) for r in record.replaced], [b.path for b in record.biases]
+    ([('1', 'BatchNorm2d', 'Identity')], ['0'])
+    """
+    was: dict[int, nn.Module] = {}  # replacement -> the module it finally stands for
+    biases: set[int] = set()
+    steps: set[int] = set()
+    neutral: dict[int, dict[str, str]] = {}
+    for change in log.changes:
+        if isinstance(change, Replaced):
+            was[id(change.new)] = was.get(id(change.old), change.old)
+        elif isinstance(change, BiasAdded):
+            biases.add(id(change.layer))
+        elif isinstance(change, ParametrizationAppended):
+            steps.add(id(change.step))
+        elif isinstance(change, TensorsSet):
+            neutral.setdefault(id(change.module), {}).update(change.neutral)
+
+    def changed(path: str, module: nn.Module) -> _Changed:
+        key = id(module)
+        old = was.get(key)
+        if old is not None and layer_type(old) is not layer_type(module):
+            return _Changed(was=layer_type(old))
+        if key not in biases and key not in neutral and not steps:
+            return _UNCHANGED
+        return _Changed(
+            bias=key in biases,
+            steps=tuple((tensor, step) for tensor, _, step in _steps(module) if id(step) in steps),
+            buffers=tuple(sorted(neutral.get(key, {}).items())),
+        )
+
+    return _Walk().record(folded, changed)
+
+
 def describe_fold(original: nn.Module, folded: nn.Module) -> FoldRecord:
     """What folding changed in the structure of ``folded``, found by comparing it with ``original`` (the model
-    it was folded from, or any unfolded model of the same architecture).
+    it was folded from, or any unfolded model of the same architecture). When bnfold folds, the log of its
+    edits gives the same record without the comparison (:func:`record_of_edits`).
 
     >>> import torch, bnfold
     >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)).eval()
@@ -297,80 +425,52 @@ def describe_fold(original: nn.Module, folded: nn.Module) -> FoldRecord:
             "folded from, or a freshly built one of the same architecture"
         )
     before = dict(original.named_modules(remove_duplicate=False))
-    after = dict(folded.named_modules(remove_duplicate=False))
-    replaced: list[Replacement] = []
-    biases: list[AddedBias] = []
-    added: list[AddedParametrization] = []
-    buffers: list[NeutralBuffer] = []
-    # replaced paths -> the children the replacement carries over under their own names (``survivors``, as a
-    # MergedConv keeps the modules around its branches): what else is under them belongs to the replacement
-    inside: dict[str, tuple[str, ...]] = {}
 
-    def under_replaced(path: str) -> bool:
-        if "parametrizations" in path.split("."):
-            return True  # parametrization steps are compared with their owner, below
-        for prefix, survivors in inside.items():
-            if path.startswith(prefix + "."):
-                rest = path[len(prefix) + 1 :]
-                if not any(rest == s or rest.startswith(s + ".") for s in survivors):
-                    return True
-        return False
-
-    for path, module in after.items():
-        if under_replaced(path):
-            continue
+    def changed(path: str, module: nn.Module) -> _Changed:
         old = before.get(path)
-        where = f"'{path}'" if path else "the model"
         if old is None:
+            where = f"'{path}'" if path else "the model"
             raise CheckpointError(
                 f"{where} ({type(module).__name__}) is not in the unfolded {type(original).__name__}: is it the "
                 "same architecture?"
             )
         if layer_type(old) is not layer_type(module):
-            name = recorded_name(module)
-            if name is None:
-                raise CheckpointError(
-                    f"{where} was {layer_type(old).__name__} and is now {type(module).__name__}, which bnfold cannot "
-                    "record (a replacement from a custom rule?); save the whole module instead, torch.save(folded) "
-                    "(--save-module on the command line)"
-                )
-            replaced.append(Replacement(path, layer_type(old).__name__, name, _RECORDED[name].to_record(module)))
-            inside[path] = tuple(getattr(module, "survivors", ()))
-            continue
-        weight = module._parameters.get("weight")
-        bias = module._parameters.get("bias")
-        if (
-            "bias" in module._parameters
-            and isinstance(bias, Tensor)
-            and isinstance(weight, Tensor)
-            and not has_tensor(old, "bias")
-        ):
-            biases.append(AddedBias(path, list(bias.shape)))
-        for tensor in getattr(module, "parametrizations", {}):
-            steps = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[tensor])
-            for index, step in enumerate(steps):
-                if index < _parametrization_count(old, tensor):
-                    continue
-                name = recorded_name(step)
-                if name is None:
-                    raise CheckpointError(
-                        f"{where}: a {type(step).__name__} parametrization of {tensor} was added, which bnfold "
-                        "cannot record; save the whole module instead, torch.save(folded)"
-                    )
-                added.append(AddedParametrization(path, tensor, name, _RECORDED[name].to_record(step)))
-        for buffer_name in sorted(module._non_persistent_buffers_set):
-            new, previous = module._buffers.get(buffer_name), old._buffers.get(buffer_name)
-            if not isinstance(new, Tensor) or not isinstance(previous, Tensor) or new.shape != previous.shape:
-                continue
-            if torch.equal(new.cpu(), previous.cpu()):
-                continue
-            for value, neutral in (("ones", torch.ones_like(new)), ("zeros", torch.zeros_like(new))):
-                if torch.equal(new, neutral):
-                    buffers.append(NeutralBuffer(f"{path}.{buffer_name}" if path else buffer_name, value))
-    missing = [p for p in before if p not in after and not under_replaced(p) and p not in inside]
+            return _Changed(was=layer_type(old))
+        return _Changed(
+            bias="bias" in module._parameters and _has_weight(module) and not has_tensor(old, "bias"),
+            steps=tuple((t, step) for t, index, step in _steps(module) if index >= _parametrization_count(old, t)),
+            buffers=tuple(_neutral_buffers(old, module)),
+        )
+
+    walk = _Walk()
+    record = walk.record(folded, changed)
+    after = {path for path, _ in folded.named_modules(remove_duplicate=False)}
+    missing = [p for p in before if p not in after and not walk.covered(p) and p not in walk.inside]
     if missing:
         raise CheckpointError(
             f"'{missing[0]}' of the unfolded {type(original).__name__} is not in the folded one: is it the same "
             "architecture?"
         )
-    return FoldRecord(type(folded).__name__, tuple(replaced), tuple(biases), tuple(added), tuple(buffers))
+    return record
+
+
+def _has_weight(module: nn.Module) -> bool:
+    """Whether ``module`` has a weight: a parameter, a parametrized one, or one a pre-hook recomputes (pruning,
+    the older weight_norm), without computing it."""
+    return has_tensor(module, "weight") or isinstance(vars(module).get("weight"), Tensor)
+
+
+def _neutral_buffers(old: nn.Module, module: nn.Module) -> list[tuple[str, str]]:
+    """The buffers of ``module`` kept out of the state_dict that hold ones or zeros, where ``old`` held
+    something else."""
+    found: list[tuple[str, str]] = []
+    for name in sorted(module._non_persistent_buffers_set):
+        new, previous = module._buffers.get(name), old._buffers.get(name)
+        if not isinstance(new, Tensor) or not isinstance(previous, Tensor) or new.shape != previous.shape:
+            continue
+        if torch.equal(new.cpu(), previous.cpu()):
+            continue
+        for value, neutral in (("ones", torch.ones_like(new)), ("zeros", torch.zeros_like(new))):
+            if torch.equal(new, neutral):
+                found.append((name, value))
+    return found

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from ..apply.surgery import Undo, apply_plan, folded_copy, undo_all
+from ..apply.edits import EditLog
+from ..apply.surgery import apply_plan, copy_and_fold, folded_copy, undo_all
 from ..discover.graph import DataFlowGraph
 from ..errors import FoldError, clean_message
 from ..options import FoldOptions
@@ -87,11 +88,11 @@ def apply_until_it_runs(
     found: FoldPlan,
     options: FoldOptions,
     runner: Callable[[FoldPlan], Run],
-) -> tuple[nn.Module, Undo, FoldPlan, Any]:
+) -> tuple[nn.Module, EditLog, FoldPlan, Any]:
     """Fold ``found`` into ``model`` (or a copy, by ``options.inplace``) and run the result once with
     ``runner``'s run for that plan. A fold that cannot be applied, or that makes the run fail, is kept with the
     reason, and the model is planned and folded again without it: one bad fold never blocks the others.
-    Returns the folded model, the undo log, the plan it follows and what the run gave."""
+    Returns the folded model, the log of its edits, the plan it follows and what the run gave."""
     refused: dict[str, str] = {}
     while True:
         run = runner(found)
@@ -99,7 +100,7 @@ def apply_until_it_runs(
             if options.inplace:
                 target, undo = model, apply_plan(model, found, options.rules, undoable=True)
             else:  # a failed copy is simply dropped
-                target, undo = folded_copy(model, found, options.rules), Undo(enabled=False)
+                target, undo = copy_and_fold(model, found, options.rules)
         except FoldError as error:
             site = next((s for s in found.sites if s.norm == error.norm), None)
             if site is None:

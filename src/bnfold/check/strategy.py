@@ -18,7 +18,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ..apply.surgery import Undo, apply_plan, undo_all
+from ..apply.edits import EditLog
+from ..apply.surgery import apply_plan, undo_all
 from ..discover.graph import DataFlowGraph
 from ..discover.lineage import Lineage, LineageMode
 from ..discover.nested import detached_copy, iter_tensors
@@ -210,12 +211,14 @@ def _rounding_or_wrong(
 
 
 def judge_run(
-    model: nn.Module, target: nn.Module, undo: Undo, found: FoldPlan, options: FoldOptions, check: Check, first: Any
-) -> Measured:
+    model: nn.Module, target: nn.Module, undo: EditLog, found: FoldPlan, options: FoldOptions, check: Check, first: Any
+) -> tuple[Measured, EditLog]:
     """Judge what the folded model's run gave (``first``): raise :class:`VerificationError` (with every change
-    to ``model`` undone) when a fold is or may be wrong; otherwise say what was measured."""
+    to ``model`` undone) when a fold is or may be wrong; otherwise say what was measured, with the log of the
+    edits that made ``target`` as it now stands (folding in place is undone and made again for the float64
+    run)."""
     if check.how is None:
-        return Measured(None)
+        return Measured(None), undo
     how = check.how
     try:
         if isinstance(first, _LayerRun):
@@ -237,6 +240,6 @@ def judge_run(
         undo_all(undo)
         raise
     if not diffs:
-        return Measured(how, 0.0, 0.0, None)
+        return Measured(how, 0.0, 0.0, None), undo
     top = max(diffs, key=lambda d: d.max_abs_error)
-    return Measured(how, top.max_abs_error, max(d.relative_error for d in diffs), top.path)
+    return Measured(how, top.max_abs_error, max(d.relative_error for d in diffs), top.path), undo

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from ..api import fold_with_report, plan
+from ..apply.edits import EditLog
+from ..apply.records import record_of_edits
 from ..check.latency import Latency, compare_latency
 from ..discover.nested import iter_tensors
 from ..errors import CheckpointError, clean_message
-from ..io.checkpoint import describe_fold, record_path, write_folded
+from ..io.checkpoint import record_path, write_folded
 from ..io.output_files import OutputSet
 from ..report import FoldReport, plan_rows, render_plan, render_report, wrap_field
 from .errors import CliError, ExitCode
@@ -177,7 +179,7 @@ def _colour(text: str, enabled: bool) -> str:
 
 
 def _write_outputs(
-    args: argparse.Namespace, original: nn.Module, folded: nn.Module, example: torch.Tensor, progress: Progress
+    args: argparse.Namespace, edits: EditLog, folded: nn.Module, example: torch.Tensor, progress: Progress
 ) -> tuple[list[str], dict[str, Any] | None]:
     """Write every output, all or none; return the paths written and the ONNX check."""
     onnx_result = None
@@ -191,7 +193,7 @@ def _write_outputs(
                         if args.force and stale.exists():
                             outputs.remove(stale)
                     else:
-                        write_folded(folded, describe_fold(original, folded), args.output, outputs)
+                        write_folded(folded, record_of_edits(edits, folded), args.output, outputs)
             if args.onnx is not None:
                 with progress.stage(f"exporting and checking {args.onnx}"):
                     staged = outputs.stage(args.onnx)
@@ -276,7 +278,7 @@ def execute(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         bench = compare_latency(
             model, result.model, example, runs=args.bench_runs, on_run=lambda i, n: progress.bar("benchmark", i, n)
         )
-    written, onnx_result = _write_outputs(args, model, result.model, example, progress)
+    written, onnx_result = _write_outputs(args, result.edits, result.model, example, progress)
 
     if args.json:
         report = result.report.to_dict()

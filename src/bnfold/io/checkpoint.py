@@ -6,15 +6,14 @@ file next to it (``folded.pt.bnfold.json``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..apply.edits import EditLog, place_at
 from ..apply.records import FoldRecord, describe_fold, has_tensor, recorded, recorded_class, recorded_name
 from ..errors import CheckpointError
 from ..rules.classes import layer_type
@@ -124,38 +123,9 @@ def read_record(path: Path, metadata: dict[str, str] | None = None) -> FoldRecor
     return FoldRecord.from_json(side.read_text(), f"'{side}'")
 
 
-class _Undo:
-    def __init__(self) -> None:
-        self.steps: list[Callable[[], None]] = []
-
-    def run(self) -> None:
-        for step in reversed(self.steps):
-            step()
-        self.steps.clear()
-
-
-def _parents(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    found: dict[str, tuple[nn.Module, str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for attr, child in module._modules.items():
-            if child is not None:
-                found[f"{path}.{attr}" if path else attr] = (module, attr)
-    return found
-
-
-def _drop_last(steps: nn.ModuleList) -> None:
-    del steps[len(steps) - 1]
-
-
-def _restore(value: Tensor, saved: Tensor) -> None:
-    with torch.no_grad():
-        value.copy_(saved)
-
-
-def _rebuild(model: nn.Module, record: FoldRecord, source: str, undo: _Undo) -> None:
+def _rebuild(model: nn.Module, record: FoldRecord, source: str, log: EditLog) -> None:
     """Give the fresh ``model`` the folded structure (new modules hold placeholder values until loaded)."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    parents = _parents(model)
     built: dict[int, nn.Module] = {}  # a module registered under several paths is replaced once
     for r in record.replaced:
         old = modules.get(r.path)
@@ -169,14 +139,10 @@ def _rebuild(model: nn.Module, record: FoldRecord, source: str, undo: _Undo) -> 
         new = built.get(id(old))
         if new is None:
             new = recorded_class(r.module, source).from_record(r.spec, old)
-            new.train(old.training)
             built[id(old)] = new
-        parent, attr = parents[r.path]
-        parent._modules[attr] = new
-        undo.steps.append(partial(parent._modules.__setitem__, attr, old))
-        # a replacement may carry modules over (a MergedConv keeps some of the block's): replaced below, they
-        # are replaced where it holds them now
-        parents.update({f"{r.path}.{path}": where for path, where in _parents(new).items()})
+        # where the model holds it now: a replacement may carry modules over (a MergedConv keeps some of the
+        # block's), and a later entry replaces them there
+        log.replace(old, new, [place_at(model, r.path)])
     modules = dict(model.named_modules(remove_duplicate=False))
     for b in record.biases:
         layer = modules.get(b.path)
@@ -187,11 +153,8 @@ def _rebuild(model: nn.Module, record: FoldRecord, source: str, undo: _Undo) -> 
             raise CheckpointError(
                 f"{source} gives a bias to '{b.path}', which already has one (is the model already folded?)"
             )
-        bias = nn.Parameter(
-            torch.zeros(b.shape, dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad
-        )
-        layer.register_parameter("bias", bias)
-        undo.steps.append(partial(layer.register_parameter, "bias", None))
+        zeros = torch.zeros(b.shape, dtype=torch.float64)
+        log.map_bias(layer, torch.ones_like(zeros), zeros)
     for p in record.parametrizations:
         owner = modules.get(p.path)
         if owner is None or not parametrize.is_parametrized(owner, p.tensor):
@@ -201,19 +164,14 @@ def _rebuild(model: nn.Module, record: FoldRecord, source: str, undo: _Undo) -> 
             )
         step = recorded_class(p.module, source).from_record(p.spec, owner)
         device = next((t.device for t in owner.parameters()), torch.device("cpu"))
-        parametrize.register_parametrization(owner, p.tensor, step.to(device))
-        steps = cast(nn.ModuleList, cast(nn.ModuleDict, owner.parametrizations)[p.tensor])
-        undo.steps.append(partial(_drop_last, steps))
+        log.append_parametrization(owner, p.tensor, step.to(device))
     for buf in record.buffers:
         module_path, _, name = buf.path.rpartition(".")
         module = modules.get(module_path)
         value = None if module is None else module._buffers.get(name)
-        if not isinstance(value, Tensor):
+        if module is None or not isinstance(value, Tensor):
             raise CheckpointError(f"{source} sets the buffer '{buf.path}', which this model does not have")
-        saved = value.detach().clone()
-        with torch.no_grad():
-            value.fill_(1 if buf.value == "ones" else 0)
-        undo.steps.append(partial(_restore, value, saved))
+        log.set_tensors(module, {name: 1.0 if buf.value == "ones" else 0.0})
 
 
 def load_folded(model: nn.Module, path: str | Path) -> nn.Module:
@@ -264,9 +222,9 @@ def load_folded(model: nn.Module, path: str | Path) -> nn.Module:
         )
     if record.model != type(model).__name__:
         raise CheckpointError(f"{source} holds a folded {record.model}; this model is a {type(model).__name__}")
-    undo = _Undo()
+    log = EditLog()
     try:
-        _rebuild(model, record, source, undo)
+        _rebuild(model, record, source, log)
         fit = compare_state(model.state_dict(), state)
         if not fit.ok:
             classes = fit.classifier_outputs()
@@ -276,6 +234,6 @@ def load_folded(model: nn.Module, path: str | Path) -> nn.Module:
             )
         model.load_state_dict(state)
     except BaseException:
-        undo.run()
+        log.undo()
         raise
     return model
