@@ -51,7 +51,7 @@ def builtin_kinds() -> dict[str, FoldKind]:
             payload=MergeRecipe,
             residue="replaced",
             word="merged",
-            counted=False,
+            tally="merged",
             label="merging them",
         ),
         FoldKind(

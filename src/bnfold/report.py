@@ -186,7 +186,10 @@ def render_plan(plan: FoldPlan, *, width: int | None = None, planned: bool = Fal
     that many columns; ``planned`` words the decisions as what would happen (a dry run)."""
     fold, keep = ("fold", "keep") if planned else ("folded", "kept")
     rows = []
+    paths = [row for row in plan.rows if _is_path(plan, row)]
     for row in plan.rows:
+        if _is_path(plan, row):
+            continue
         reason = getattr(row, "reason", None)
         word = plan.decision(row)
         decision = {"folded": fold, "kept": keep}.get(word, word)
@@ -208,11 +211,45 @@ def render_plan(plan: FoldPlan, *, width: int | None = None, planned: bool = Fal
     if planned:
         totals = f"dry run, nothing changed: {norms} would be folded, {len(plan.kept)} kept{blocks.replace(' merged', ' would be merged')}"
     else:
-        totals = f"{norms} folded, {len(plan.kept)} kept{blocks}"
+        totals = f"{norms} folded, {len(plan.kept) - _kept_paths(paths)} kept{blocks}"
     head = f"{plan.model_type} (traced with {plan.traced_with}): {totals}"
-    if not rows:
-        return head + "\n(no norm layers)"
-    return head + "\n" + _table(["norm layer", "type", "decision", "partner", "reason"], rows, width)
+    table = (
+        "(no norm layers)" if not rows else _table(["norm layer", "type", "decision", "partner", "reason"], rows, width)
+    )
+    text = head + "\n" + table
+    if paths:
+        text += "\n\n" + _render_paths(plan, paths, width, planned)
+    return text
+
+
+def _is_path(plan: FoldPlan, row: Any) -> bool:
+    """Whether ``row`` is an equalization row (a chain of layers, or a producer kept out of one)."""
+    if getattr(row, "reason", None) is not None:
+        return getattr(row, "kind", None) == "equalize"
+    return plan.kind(row).tally == "equalized"
+
+
+def _kept_paths(paths: list[Any]) -> int:
+    return sum(1 for row in paths if getattr(row, "reason", None) is not None)
+
+
+def _render_paths(plan: FoldPlan, paths: list[Any], width: int | None, planned: bool) -> str:
+    """The equalization table: each chain, pair by pair (producer -> readers, through which ops), and each
+    producer kept out of one, with the reason."""
+    rows: list[list[str]] = []
+    for row in paths:
+        reason = getattr(row, "reason", None)
+        if reason is not None:
+            rows.append([row.norm, "kept", row.partner or "", reason])
+            continue
+        for pair in getattr(row.payload, "pairs", ()):
+            through = f"through {', '.join(pair.through)}" if pair.through else "directly"
+            word = "equalize" if planned else "equalized"
+            rows.append([pair.producer, word, "-> " + ", ".join(pair.readers), through])
+    chains = plan.equalized
+    totals = f"{_count(chains, 'chain')} of layers {'to equalize' if planned else 'equalized'}"
+    head = f"cross-layer equalization: {totals}, {_count(_kept_paths(paths), 'producer')} kept"
+    return head + "\n" + _table(["producer", "decision", "readers", "through / reason"], rows, width)
 
 
 def _size(n: int) -> str:

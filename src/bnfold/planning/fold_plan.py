@@ -140,13 +140,18 @@ class FoldPlan:
 
     @property
     def folded(self) -> int:
-        """Norm layers (and constants) folded or merged away, by their kinds (:attr:`FoldKind.counted`)."""
-        return sum(1 for s in self.sites if self.kind(s).counted)
+        """Norm layers (and constants) folded or merged away (rows whose kind tallies as ``"folded"``)."""
+        return sum(1 for s in self.sites if self.kind(s).tally == "folded")
 
     @property
     def merged(self) -> int:
-        """Blocks of parallel branches merged into one convolution (rows of kinds not counted as norms)."""
-        return len(self.sites) - self.folded
+        """Blocks of parallel branches merged into one convolution (rows whose kind tallies as ``"merged"``)."""
+        return sum(1 for s in self.sites if self.kind(s).tally == "merged")
+
+    @property
+    def equalized(self) -> int:
+        """Chains of layers whose weight ranges were equalized (rows whose kind tallies as ``"equalized"``)."""
+        return sum(1 for s in self.sites if self.kind(s).tally == "equalized")
 
     def decision(self, row: PlanRow) -> str:
         """What happened to ``row``, in one word: its kind's word ("folded", "merged"), or "kept"."""

@@ -71,7 +71,7 @@ class FoldKind:
         payload: the type of ``FoldSite.payload`` for rows of this kind (``None``: none).
         residue: what becomes of the folded norm (see :data:`Residue`).
         word: the decision the report shows ("folded", "merged").
-        counted: whether a row counts as a folded norm in the totals (a merged block counts as a merge).
+        tally: which total a row counts in: folded norms, merged blocks, or equalized chains.
         keeps: ``site -> name`` to keep so that this row is not folded again (``refused``).
         label: the words for folding a row of this kind, in a reason ("folding it", "merging them").
     """
@@ -85,7 +85,7 @@ class FoldKind:
     payload: type | None = None
     residue: Residue = "rule"
     word: str = "folded"
-    counted: bool = True
+    tally: Literal["folded", "merged", "equalized"] = "folded"
     keeps: Callable[[FoldSite], str] = keeps_itself
     label: str = "folding it"
 
