@@ -331,3 +331,21 @@ def test_bounded_and_smooth_activations_stop_every_walk(op):
     walk = walk_up(graph, norm.inputs[0], norm.index, POSITIVE_SCALE)
     assert walk.steps == () and walk.source is not None and walk.source.module is None
     assert walk.stop == "is not an op the walk goes through"
+
+
+def test_an_in_place_relu_passes_a_positive_scale_only_with_recorded_shapes():
+    """An execution trace keys a tensor by its version, so it sees every reader around an in-place ReLU; a
+    torch.fx trace cannot tell what else shares the memory it writes."""
+    from bnfold.discover.tracing import trace_symbolic
+
+    types = {nn.Conv2d, nn.BatchNorm2d}
+    for inplace in (False, True):
+        model = Chain(nn.Conv2d(3, 4, 1), nn.ReLU(inplace=inplace), nn.BatchNorm2d(4)).eval()
+        for graph in (trace_execution(model, (X4,), types, types), trace_symbolic(model, types, types)):
+            norm = next(c for c in graph.calls if c.module is model.s2)
+            walk = walk_up(graph, norm.inputs[0], norm.index, POSITIVE_SCALE)
+            if inplace and not graph.has_shapes:
+                assert walk.source is not None and walk.source.module is model.s1
+                assert walk.stop.startswith("works in place"), walk.stop
+            else:
+                assert walk.source is not None and walk.source.module is model.s0, (inplace, graph.traced_with)

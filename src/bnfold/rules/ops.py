@@ -388,7 +388,7 @@ def _in_place_condition(call: Call, carried: frozenset[Transform]) -> str | None
         or call.kwargs.get("inplace") is True
         or (call.kind == "function" and call.target.endswith("_") and not call.target.endswith("__"))
     )
-    if in_place and not call.input_shapes:
+    if in_place and (not call.input_shapes or call.input_shapes[0] is None):
         return "works in place, and without example_inputs bnfold cannot tell what else reads that memory"
     return None
 
