@@ -35,6 +35,7 @@ __all__ = [
     "walk_up",
     "walk_down",
     "axis_up",
+    "axis_down",
     "follow_down",
     "first_block",
     "hands_on_values",
