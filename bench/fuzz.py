@@ -796,7 +796,7 @@ class Tied(ModuleStep):
         return {"src": src, "mod": b.module(new), "what": f"tied {type(new).__name__}"}
 
 
-@step("activation", 4)
+@step("activation", 3)
 class Activation(Step):
     def build(self, b: Builder, g: Gene) -> dict[str, Any] | None:
         src = b.pick(g.src, floating())
@@ -827,6 +827,55 @@ class Activation(Step):
         else:
             out = p.mods[a["mod"]](x)
         run.add(out)
+
+
+_RECTIFIERS = ["ReLU", "LeakyReLU", "PReLU", "PReLU per channel", "F.relu", "Tensor.relu", "F.leaky_relu"]
+
+
+@step("rectifier", 1)  # with activation: the weight it had, so other steps draw as before
+class Rectifier(Step):
+    """ReLU, LeakyReLU and PReLU (modules and functions) between layers and norms: a positive scale passes
+    through them, a norm's shift does not, so no fold may cross one."""
+
+    def build(self, b: Builder, g: Gene) -> dict[str, Any] | None:
+        src = b.pick(g.src, floating())
+        if src is None:
+            return None
+        kind = _choice(g, 0, _RECTIFIERS)
+        channels = b.values[src].shape[1]
+        module = {
+            "ReLU": lambda: nn.ReLU(inplace=_bit(g, 4)),
+            "LeakyReLU": lambda: nn.LeakyReLU(0.1 + 0.2 * _bit(g, 5)),
+            "PReLU": lambda: nn.PReLU(init=0.2),
+            "PReLU per channel": lambda: _prelu(channels, g),
+        }.get(kind)
+        return {"src": src, "kind": kind, "mod": b.module(module()) if module else None}
+
+    def apply(self, p: Program, run: Run, a: dict[str, Any]) -> None:
+        x, kind = run.values[a["src"]], a["kind"]
+        if a["mod"] is not None:
+            if x is run.values[0]:
+                x = x.clone()  # an in-place ReLU must not change the caller's input
+            out = p.mods[a["mod"]](x)
+        elif kind == "F.relu":
+            out = F.relu(x)
+        elif kind == "Tensor.relu":
+            out = x.relu()
+        else:
+            out = F.leaky_relu(x, 0.05)
+        run.add(out)
+
+    def text(self, a: dict[str, Any]) -> str:
+        if a["mod"] is not None:
+            return f"mods[{a['mod']}](v{a['src']})  # {a['kind']}"
+        return f"{a['kind']}(v{a['src']})"
+
+
+def _prelu(channels: int, g: Gene) -> nn.Module:
+    prelu = nn.PReLU(channels)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(-0.5, 0.5, channels) * (1 if _bit(g, 6) else 0.3))
+    return prelu
 
 
 def _alias(kind: str, x: Tensor) -> Tensor:

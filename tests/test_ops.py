@@ -8,9 +8,19 @@ import importlib.util
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import bnfold
-from bnfold.rules.ops import op_table
+from bnfold.discover.tracing import trace_execution
+from bnfold.planning.channel_walk import walk_down, walk_up
+from bnfold.rules.ops import (
+    NORM_FOLD,
+    POSITIVE_NORM_FOLD,
+    POSITIVE_SCALE,
+    memory_of,
+    op_table,
+    registry,
+)
 
 from helpers import Chain, check_fold, randomize_norms
 
@@ -113,10 +123,43 @@ if importlib.util.find_spec("torchvision") is not None:  # the op table has torc
     )
 
 
+# ReLU and its kin: a positive per-channel scale passes, a shift and a sign do not. Every norm fold carries a
+# shift, so none crosses them; the walker goes through them with a positive scale (cross-layer equalization).
+RECTIFIER_FUNCTIONS = {
+    "relu": lambda y: F.relu(y),
+    "Tensor.relu": lambda y: y.relu(),
+    "_VariableFunctionsClass.relu": torch.relu,
+    "leaky_relu": lambda y: F.leaky_relu(y, 0.1),
+    "Tensor.relu_": lambda y: y.relu_(),
+    "_VariableFunctionsClass.relu_": torch.relu_,
+    "leaky_relu_": lambda y: F.leaky_relu_(y, 0.2),
+}
+RECTIFIER_MODULES = {
+    "ReLU": nn.ReLU(),
+    "LeakyReLU": nn.LeakyReLU(0.1),
+    "PReLU": nn.PReLU(4, init=0.3),
+}
+
+
 def test_every_entry_of_the_op_table_has_a_test():
     functions, modules = op_table()
-    assert set(functions) == set(FUNCTION_CASES)
-    assert {t.__name__ for t in modules} == set(MODULE_CASES)
+    assert set(functions) == set(FUNCTION_CASES) | set(RECTIFIER_FUNCTIONS)
+    assert {t.__name__ for t in modules} == set(MODULE_CASES) | set(RECTIFIER_MODULES)
+
+
+def test_entries_that_share_a_last_name_agree_on_memory():
+    """A ``torch.fx`` trace names a call by the last part of its name: entries sharing it must agree."""
+    functions, _ = registry()
+    by_last: dict[str, set[str]] = {}
+    for name, entry in functions.items():
+        by_last.setdefault(name.rpartition(".")[2], set()).add(entry.memory)
+    assert {last: m for last, m in by_last.items() if len(m) > 1} == {}
+    assert (memory_of("Tensor.permute"), memory_of("add"), memory_of("Tensor.relu_"), memory_of("flip_")) == (
+        "view",
+        "fresh",
+        "writes",
+        "writes",
+    )
 
 
 @pytest.mark.parametrize("op", sorted(FUNCTION_CASES))
@@ -177,3 +220,136 @@ def test_backward_through_pooling_and_a_mean():
     check_fold(pooled, X4, folded=1, kept=0)
     mean = Chain(nn.Conv2d(3, 4, 3), lambda y: y.mean((2, 3)), nn.BatchNorm1d(4)).eval()
     check_fold(mean, X4, folded=1, kept=0)
+
+
+# -- ReLU, LeakyReLU, PReLU: a positive scale passes, a shift and a sign do not ---------------------------
+def _walk_from_norm(model, x):
+    """The trace of ``model`` and its norm's call (the last BatchNorm2d)."""
+    graph = trace_execution(model, (x,), {nn.Conv2d, nn.BatchNorm2d}, {nn.Conv2d, nn.BatchNorm2d})
+    norm = next(c for c in reversed(graph.calls) if isinstance(c.module, nn.BatchNorm2d))
+    return graph, norm
+
+
+def _check_rectifier(op, name):
+    model = Chain(nn.Conv2d(3, 4, 1), op, nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, X4, folded=0, kept=1)
+    kept = result.report.plan.kept[0]
+    # the walk went through it to the conv, and says why the norm cannot follow
+    assert kept.partner == "s0" and "a shift does not" in kept.reason, kept.reason
+    graph, norm = _walk_from_norm(model, X4)
+    scaled = walk_up(graph, norm.inputs[0], norm.index, POSITIVE_SCALE)
+    assert scaled.source is not None and scaled.source.module is model.s0
+    assert [s.call.target for s in scaled.steps] == [name] and scaled.blocked(POSITIVE_SCALE) is None
+    shifted = walk_up(graph, norm.inputs[0], norm.index, POSITIVE_NORM_FOLD)
+    assert shifted.source is not None and shifted.source.target == name and "a shift does not" in shifted.stop
+    assert "a negative one does not" in (scaled.blocked(frozenset({"scale", "sign"})) or (None, ""))[1]
+
+
+@pytest.mark.parametrize("op", sorted(RECTIFIER_FUNCTIONS))
+def test_rectifier_function_lets_a_positive_scale_through_and_stops_a_norm(op):
+    _check_rectifier(RECTIFIER_FUNCTIONS[op], op)
+
+
+@pytest.mark.parametrize("module", sorted(RECTIFIER_MODULES))
+def test_rectifier_module_lets_a_positive_scale_through_and_stops_a_norm(module):
+    _check_rectifier(RECTIFIER_MODULES[module], "s1")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_no_norm_folds_across_a_relu_either_way(inplace):
+    backward = Chain(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=inplace), nn.BatchNorm2d(4)).eval()
+    kept = check_fold(backward, X4, folded=0, kept=1).report.plan.kept[0]
+    assert kept.reason.startswith(
+        "'s1' between 's0' and it is a ReLU-like activation, not linear: a positive per-channel scale passes "
+        "through it, a shift does not; forward: "
+    )
+    forward = Chain(nn.BatchNorm2d(3), nn.ReLU(inplace=inplace), nn.Conv2d(3, 4, 1)).eval()
+    kept = check_fold(forward, X4, folded=0, kept=1).report.plan.kept[0]
+    assert "a shift does not" in kept.reason
+    # a scale of 1 and a shift of 0 are still a norm's map: no fold crosses it, whatever the values
+    neutral = Chain(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=inplace), nn.BatchNorm2d(4, affine=False)).eval()
+    check_fold(neutral, X4, folded=0, kept=1, randomize=False)
+
+
+def test_no_norm_folds_across_a_relu_without_example_inputs():
+    model = Chain(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    plan = bnfold.plan(model)
+    assert len(plan.sites) == 0 and "a shift does not" in plan.kept[0].reason
+
+
+class _ScaledAfterRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) * self.gamma
+
+
+def test_a_positive_channelwise_constant_does_not_cross_a_relu():
+    """A channel-wise constant folds with a norm's arithmetic, so its walk carries a shift too."""
+    result = check_fold(_ScaledAfterRelu().eval(), X4, folded=0, kept=1)
+    kept = result.report.plan.kept[0]
+    assert kept.norm == "gamma" and "a shift does not" in kept.reason, kept.reason
+
+
+def test_a_prelu_with_a_slope_per_channel_stops_a_permutation():
+    graph, norm = _walk_from_norm(Chain(nn.Conv2d(3, 4, 1), nn.PReLU(4), nn.BatchNorm2d(4)).eval(), X4)
+    walk = walk_up(graph, norm.inputs[0], norm.index)
+    assert walk.blocked(frozenset({"scale", "permutation"})) is not None
+    graph, norm = _walk_from_norm(Chain(nn.Conv2d(3, 4, 1), nn.PReLU(1), nn.BatchNorm2d(4)).eval(), X4)
+    assert walk_up(graph, norm.inputs[0], norm.index).blocked(frozenset({"scale", "permutation"})) is None
+
+
+def test_the_walk_down_fans_out_through_relus_to_every_reader():
+    class Fan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.a(y) + self.b(y.relu())
+
+    model = Fan().eval()
+    graph = trace_execution(model, (X4,), {nn.Conv2d}, {nn.Conv2d})
+    conv = next(c for c in graph.calls if c.module is model.conv)
+    reached = list(walk_down(graph, conv.outputs[0], POSITIVE_SCALE))
+    assert [(r.call.module, r.stop, len(r.path)) for r in reached] == [(model.a, None, 1), (model.b, None, 2)]
+    stopped = list(walk_down(graph, conv.outputs[0], NORM_FOLD))
+    assert [(r.call.target, r.stop) for r in stopped] == [("_VariableFunctionsClass.relu", "blocked")]
+
+
+# -- activations that are not in the registry end every walk, a positive scale's too -----------------------
+@pytest.mark.parametrize(
+    "op",
+    [F.hardtanh, F.relu6, lambda y: y.clamp(0, 1), F.silu, F.gelu, torch.sigmoid, F.hardswish],
+    ids=["hardtanh", "relu6", "clamp", "silu", "gelu", "sigmoid", "hardswish"],
+)
+def test_bounded_and_smooth_activations_stop_every_walk(op):
+    model = Chain(nn.Conv2d(3, 4, 1), op, nn.BatchNorm2d(4)).eval()
+    result = check_fold(model, X4, folded=0, kept=1)
+    assert "not from a Conv/ConvTranspose/Linear layer" in result.report.plan.kept[0].reason
+    graph, norm = _walk_from_norm(model, X4)
+    walk = walk_up(graph, norm.inputs[0], norm.index, POSITIVE_SCALE)
+    assert walk.steps == () and walk.source is not None and walk.source.module is None
+    assert walk.stop == "is not an op the walk goes through"
+
+
+def test_an_in_place_relu_passes_a_positive_scale_only_with_recorded_shapes():
+    """An execution trace keys a tensor by its version, so it sees every reader around an in-place ReLU; a
+    torch.fx trace cannot tell what else shares the memory it writes."""
+    from bnfold.discover.tracing import trace_symbolic
+
+    types = {nn.Conv2d, nn.BatchNorm2d}
+    for inplace in (False, True):
+        model = Chain(nn.Conv2d(3, 4, 1), nn.ReLU(inplace=inplace), nn.BatchNorm2d(4)).eval()
+        for graph in (trace_execution(model, (X4,), types, types), trace_symbolic(model, types, types)):
+            norm = next(c for c in graph.calls if c.module is model.s2)
+            walk = walk_up(graph, norm.inputs[0], norm.index, POSITIVE_SCALE)
+            if inplace and not graph.has_shapes:
+                assert walk.source is not None and walk.source.module is model.s1
+                assert walk.stop.startswith("works in place"), walk.stop
+            else:
+                assert walk.source is not None and walk.source.module is model.s0, (inplace, graph.traced_with)

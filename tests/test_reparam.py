@@ -891,3 +891,52 @@ def test_a_layer_scale_on_the_last_axis_is_not_a_channel_scale_to_merge():
     folded = bnfold.fold(model, x, reparameterize=True)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x))
+
+
+# -- ops on a branch that hand on their input unchanged ----------------------------------------------------
+class RepVGGWithIdentity(nn.Module):
+    """RepVGG whose identity branch is an ``nn.Identity()`` (and a Dropout, the identity in eval mode, after
+    its 1x1 branch): the walk goes through both, so the three branches still merge into one convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.rbr_identity = nn.Identity()
+        self.rbr_dense = conv_bn(8, 8, 3, 1, 1)
+        self.rbr_1x1 = nn.Sequential(conv_bn(8, 8, 1), nn.Dropout(0.2))
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, x):
+        return self.nonlinearity(self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x))
+
+
+def test_an_identity_on_a_branch_merges():
+    result = merge(RepVGGWithIdentity(), X, merged=1, runs=(1, 0))
+    assert isinstance(result.model[0], bnfold.MergedConv)
+
+
+def test_a_copy_on_a_branch_merges_and_a_hooked_identity_keeps_running():
+    class Copied(nn.Module):  # clone() hands on a new tensor with the same values: the walk goes through it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x.clone()).clone()
+
+    merge(Copied(), X, merged=1, runs=(1, 0))
+    block = RepVGGWithIdentity()
+    block.rbr_identity.register_forward_hook(lambda module, args, output: output * 2)  # no longer the identity
+    partial(block, runs=(1, 0), kept=["'0.rbr_identity' (Identity) is not linear"])
+
+
+def test_a_reshape_on_a_branch_stops_it_with_the_reason():
+    class Reshaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 3, 1, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x).flatten(2).view(x.shape)
+
+    result = kept(Reshaped(), reason="")
+    assert result.report.folded == 2  # each norm still folds into its own conv

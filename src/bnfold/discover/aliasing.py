@@ -13,8 +13,9 @@ tensors: ``h.permute(...)`` and ``h`` are different nodes that share memory, and
   ``_``, ``x += y``, ``x[i] = v``, ``inplace=True``, ``out=``, an op bnfold does
   not know, a module whose class is not torch's).
 
-The lists below name only what is known to be safe (new memory and no write);
-anything else is taken to alias and to write. :func:`changed_after` then asks
+The op registry (:mod:`bnfold.rules.ops`, its ``memory`` column) names what is
+known to be safe (new memory and no write, or a view and no write); anything
+else is taken to alias and to write. :func:`changed_after` then asks
 whether any tensor sharing memory with a value may be written after a call
 read it.
 """
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from ..rules.classes import type_chain
-from ..rules.ops import op_table
+from ..rules.ops import Memory, memory_of, registry
 from .graph import DataFlowGraph, TensorKey, ValueKey
 
 __all__ = ["Effect", "NO_EFFECT", "effect_of_function", "effect_of_module", "changed_after", "changed_later"]
@@ -41,60 +42,12 @@ class Effect(NamedTuple):
 NO_EFFECT = Effect(aliases=False, writes=False)
 _VIEW = Effect(aliases=True, writes=False)
 _UNKNOWN = Effect(aliases=True, writes=True)
-
-# Functions and methods (by their last name) whose result is new memory and which write nothing.
-_FRESH_FUNCTIONS = frozenset(
-    {
-        # arithmetic and comparison (operator.add, torch.add, Tensor.add all end in "add")
-        *("add", "sub", "mul", "truediv", "floordiv", "div", "mod", "pow", "matmul", "neg", "abs", "rsub"),
-        *("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__"),
-        *("__matmul__", "__neg__", "__pow__", "__rpow__", "__floordiv__", "__mod__"),
-        *("eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert", "not_", "truth"),
-        *("exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid", "sign", "square"),
-        *("clamp", "clip", "maximum", "minimum", "where", "lerp", "addcmul", "addcdiv", "erf"),
-        # activations (their in-place forms end in "_" or take inplace=True, which the kwargs show)
-        *("relu", "relu6", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "leaky_relu", "elu", "selu"),
-        *("softplus", "softmax", "log_softmax", "hardtanh", "celu", "glu", "logsigmoid", "prelu"),
-        # layers, pooling, reductions and joins
-        *("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"),
-        *("batch_norm", "layer_norm", "group_norm", "instance_norm", "normalize", "embedding"),
-        *("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"),
-        *("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"),
-        *("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"),
-        *("interpolate", "pad", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"),
-        *("mean", "sum", "prod", "amax", "amin", "max", "min", "argmax", "argmin", "std", "var", "norm"),
-        *("cumsum", "cat", "concat", "concatenate", "stack", "clone", "roll", "flip", "repeat", "tile"),
-        *("scaled_dot_product_attention", "einsum", "bmm", "mm", "baddbmm", "addmm"),
-        # metadata
-        *("size", "dim", "numel", "len", "isinstance"),
-    }
-)
-
-# Functions and methods that may return a view of their input (or the input itself), and write nothing.
-_VIEW_FUNCTIONS = frozenset(
-    {
-        *("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze"),
-        *("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT", "H", "mH"),
-        *("expand", "expand_as", "narrow", "select", "getitem", "chunk", "split", "tensor_split", "unbind"),
-        *("contiguous", "detach", "as_strided", "diagonal", "real", "imag", "unfold", "to", "type", "type_as"),
-        *("cpu", "cuda", "float", "half", "double", "bfloat16", "int", "long", "bool", "getattr", "data"),
-        "dropout",  # F.dropout(x, training=False) returns x itself
-    }
-)
+_EFFECTS: dict[Memory, Effect] = {"fresh": NO_EFFECT, "view": _VIEW, "writes": _UNKNOWN}
 
 # Python's binary operators: torch.fx records ``x += y`` as ``operator.add(x, y)``, the same as ``x + y``, so
 # each may write its left operand and hand it back.
 _AUGMENTABLE_OPERATORS = frozenset(
     {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_", "xor", "lshift", "rshift"}
-)
-
-# Python's in-place operators: ``x += y``, ``x[i] = v`` and the like.
-_WRITE_OPERATORS = frozenset(
-    {
-        *("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul"),
-        *("iand", "ior", "ixor", "ilshift", "irshift", "setitem", "__setitem__", "__iadd__", "__isub__"),
-        *("__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__"),
-    }
 )
 
 
@@ -106,32 +59,25 @@ def effect_of_function(name: str, kwargs: Mapping[str, Any], python_operator: bo
     """The effect of a function or method call of a symbolic trace, by its recorded name and keywords;
     ``python_operator``: the call is one of Python's ``operator`` functions (``x + y`` or ``x += y``)."""
     last = _last_name(name)
-    if last in _WRITE_OPERATORS or (last.endswith("_") and not last.endswith("__")):
+    if last.endswith("_") and not last.endswith("__"):
         return _UNKNOWN  # an in-place op returns its input, written
     if python_operator and last in _AUGMENTABLE_OPERATORS:
         return _UNKNOWN
     if kwargs.get("inplace") is True or kwargs.get("out") is not None:
         return _UNKNOWN
-    if last in _FRESH_FUNCTIONS:
-        return NO_EFFECT
-    if last in _VIEW_FUNCTIONS:
-        return _VIEW
-    return _UNKNOWN
-
-
-# The op table's kinds of op that hand on their input, or a view of it (nn.Identity, Dropout, Flatten...)
-_VIEW_KINDS = ("identity", "reshaped", "moved")
+    return _EFFECTS[memory_of(last)]
 
 
 def effect_of_module(module: nn.Module) -> Effect:
     """The effect of a module call of a symbolic trace: a leaf of torch.nn or a layer or norm bnfold knows.
     A module built with ``inplace=True`` writes its input; a class from outside torch (a library's or the
-    user's own layer) may do anything in its forward; the op table's identities and reshapes hand on a view."""
+    user's own layer) may do anything in its forward; the registry says what the others do (identities and
+    reshapes hand on a view)."""
     if getattr(module, "inplace", False) is True or not type(module).__module__.startswith("torch."):
         return _UNKNOWN
-    modules = op_table()[1]
+    modules = registry()[1]
     entry = next((modules[kind] for kind in type_chain(module) if kind in modules), None)
-    if entry is not None and entry.kind in _VIEW_KINDS:
+    if entry is not None and entry.memory == "view":
         return _VIEW
     return NO_EFFECT
 

@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import TraceError
 from ..rules.classes import has_type
+from ..rules.ops import function_entry
 from .aliasing import NO_EFFECT, effect_of_function, effect_of_module
 from .graph import Call, DataFlowGraph, Shape, Span, TensorKey, TensorRef, ValueKey
 from .lineage import Lineage
@@ -97,6 +98,13 @@ def _versions(tensors: list[Tensor]) -> list[int]:
         return [_version(t) for t in tensors]
 
 
+def _reads_metadata(name: str) -> bool:
+    """Whether an op reads only a tensor's metadata, never its values (the registry's ``metadata`` kind): a
+    shape or a dtype does not change when a norm folds, so such a call is not a consumer."""
+    entry = function_entry(name)
+    return entry is not None and entry.kind == "metadata"
+
+
 def _op_name(func: Callable[..., Any]) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     if name.endswith("__get__"):
@@ -105,52 +113,6 @@ def _op_name(func: Callable[..., Any]) -> str:
         attr = getattr(descriptor, "__name__", None)
         name = f"Tensor.{attr}" if attr else name[: -len(".__get__")]
     return name.replace("TensorBase.", "Tensor.")
-
-
-# Ops that read only a tensor's metadata, never its values: a shape or a dtype does not change when a
-# norm folds, so these are not consumers.
-_METADATA_OPS = {
-    "Tensor.shape",
-    "Tensor.size",
-    "Tensor.dim",
-    "Tensor.ndim",
-    "Tensor.ndimension",
-    "Tensor.dtype",
-    "Tensor.device",
-    "Tensor.layout",
-    "Tensor.numel",
-    "Tensor.nelement",
-    "Tensor.__len__",
-    "Tensor.is_contiguous",
-    "Tensor.is_floating_point",
-    "Tensor.is_complex",
-    "Tensor.requires_grad",
-    "Tensor.is_cuda",
-    "Tensor.is_cpu",
-    "Tensor.is_leaf",
-    "Tensor.grad_fn",
-    "Tensor.stride",
-    "Tensor.element_size",
-    "Tensor.get_device",
-    "Tensor._version",
-    "Tensor.data_ptr",
-    "Tensor.is_sparse",
-    "Tensor.is_quantized",
-    "Tensor.is_meta",
-    "Tensor.names",
-    "Tensor.__hash__",
-    "Tensor.storage_offset",
-    "Tensor.is_mps",
-    "Tensor.is_xpu",
-    "Tensor.is_nested",
-    "Tensor.is_inference",
-    "Tensor.untyped_storage",
-    "Tensor._base",
-    "numel",
-    "is_floating_point",
-    "is_complex",
-    "Tensor.__format__",
-}
 
 
 # Ops that read only the shape, dtype or device of some tensor arguments: those arguments are not consumers.
@@ -377,7 +339,7 @@ class _ExecutionTracer(TorchFunctionMode):
                 self.check_writes(tensors, versions, func)
             return out
         name = _op_name(func)
-        if name in _METADATA_OPS:
+        if _reads_metadata(name):
             return func(*args, **kwargs)
         keys, shapes = self.keys(_value_arguments(name, args, kwargs))
         arg_spec, kwarg_spec = self.spec(args), self.spec(kwargs)

@@ -1,9 +1,11 @@
 """Backward folds: a norm into the layer that feeds it, ``norm(layer(x))``, always exact.
 
-The walk goes up from the norm's input through ops that move or pool elements
-without mixing channels (the op table), and through norms already folded into
-the same layer, to a Conv/ConvTranspose/Linear layer; or to a channel-wise
-``torch.cat`` of such layers, each taking its slice of the norm's channels.
+The walk goes up from the norm's input (:func:`~bnfold.planning.channel_walk.walk_up`)
+through ops that move or pool elements without mixing channels (the op registry),
+and through norms already folded into the same layer, to a Conv/ConvTranspose/Linear
+layer; or to a channel-wise ``torch.cat`` of such layers, each taking its slice of
+the norm's channels. Every op on the way must let the norm's scale and shift through
+(a ReLU lets a positive scale through, never a shift: a norm after it stays).
 """
 
 from __future__ import annotations
@@ -11,34 +13,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..discover.graph import Call, TensorRef
+from ..discover.graph import Call, TensorRef, ValueKey
 from ..rules.classes import layer_type
 from ..rules.layers import channel_axis, out_channels
 from ..rules.norms import tensor_attr
-from ..rules.ops import OpEntry, axis_before, entry_for
+from ..rules.ops import NORM_FOLD, POSITIVE_NORM_FOLD, entry_for
 from ..rules.table import FoldRule
+from .channel_walk import Step, axis_up, walk_up
 from .context import Kept, PlanContext, rule_for, symbolic_rank_check
 from .fold_plan import ConcatSlices, FoldSite, ReadThrough
 
-__all__ = ["fold_backward", "CAT_OPS"]
-
-CAT_OPS = {"_VariableFunctionsClass.cat", "_VariableFunctionsClass.concat", "_VariableFunctionsClass.concatenate"}
-
-# what a folded norm left behind (nothing) counts as, for a later norm reading through it
-_FOLDED = OpEntry("kept", lambda call, axis: None)
+__all__ = ["fold_backward"]
 
 
-def _step(source: Call, ctx: PlanContext) -> OpEntry | None:
-    """How a backward fold may look through ``source``: a norm already folded into nn.Identity, or an op of
-    the table (with shapes, or one that cannot move the axis); ``None``: the walk stops there."""
-    if source.kind == "module" and source.module is not None and ctx.name(source.module) in ctx.transparent:
-        return _FOLDED
-    if len(source.outputs) != 1 or len(source.inputs) != 1:
-        return None
-    entry = entry_for(source)
-    if entry is None or (not ctx.graph.has_shapes and entry.without_shapes != "pass"):
-        return None
-    return entry
+def _is_cat(call: Call) -> bool:
+    entry = entry_for(call) if call.kind == "function" else None
+    return entry is not None and entry.kind == "joined"
 
 
 def fold_backward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
@@ -46,30 +36,29 @@ def fold_backward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
     graph = ctx.graph
     if not call.inputs:
         raise Kept("it was called without a tensor input")
-    value, reader = call.inputs[0], call
-    path: list[tuple[Call, OpEntry]] = []  # what lies between the layer and the norm, nearest the norm first
-    while True:
-        source_index = graph.producer.get(value)
-        if source_index is None:
-            raise Kept("its input is not produced by any layer bnfold saw (a tensor changed in place, or a constant)")
-        source = graph.calls[source_index]
-        entry = _step(source, ctx)
-        if entry is None:
-            break
-        if graph.consumers.get(value, []) != [reader.index]:
-            raise Kept(f"the output of '{source.target}' before it is also read elsewhere")
-        path.append((source, entry))
-        value, reader = source.inputs[0], source
+
+    def folded_norm(source: Call) -> ValueKey | None:  # a norm already folded into nn.Identity: look through
+        if source.kind == "module" and source.module is not None and ctx.name(source.module) in ctx.transparent:
+            return source.inputs[0]
+        return None
+
+    walk = walk_up(graph, call.inputs[0], call.index, look=folded_norm)
+    shared = walk.shared(graph)
+    if shared is not None:
+        raise Kept(f"the output of '{shared.call.target}' before it is also read elsewhere")
+    source, value, path = walk.source, walk.value, walk.steps
+    if source is None:
+        raise Kept("its input is not produced by any layer bnfold saw (a tensor changed in place, or a constant)")
     if source.kind == "input":
         raise Kept("its input is a model input: there is no layer before it to fold into")
-    if source.kind == "function" and source.target in CAT_OPS and not path:
+    if _is_cat(source) and not path:
         return _fold_into_cat(norm, call, source, ctx)
     if source.kind != "module" or source.module is None:
         raise Kept(f"its input comes from '{source.target}', not from a Conv/ConvTranspose/Linear layer", source.target)
     layer = source.module
     name = ctx.name(layer)
     rule = rule_for(layer, norm, "backward", ctx)
-    others = [graph.calls[i] for i in graph.consumers.get(value, []) if i != reader.index]
+    others = [graph.calls[i] for i in graph.consumers.get(value, []) if i != walk.reader]
     if others:
         where = "the model's outputs" if others[0].kind == "output" else f"'{others[0].target}'"
         raise Kept(f"the output of '{name}' also feeds {where}: folding would change what that sees", name)
@@ -82,14 +71,13 @@ def fold_backward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
         _check_axis(norm, call, source, layer, rule, path, ctx)
     else:
         symbolic_rank_check(norm, layer, rule, ctx, flattened=False)
-    positive = ctx.positive(rule, norm) if path else True
-    for step, entry in path:
-        reason = entry.condition(step, positive)
-        if reason:
-            raise Kept(f"'{step.target}' between '{name}' and it {reason}", name)
+    carried = POSITIVE_NORM_FOLD if not path or ctx.positive(rule, norm) else NORM_FOLD
+    blocked = walk.blocked(carried)
+    if blocked:
+        raise Kept(f"'{blocked[0].call.target}' between '{name}' and it {blocked[1]}", name)
     if tensor_attr(layer, "bias") is None and _parametrized_bias(layer):
         raise Kept(f"'{name}' has a parametrized bias that is None", name)
-    via = tuple(ctx.name(s.module) for s, e in reversed(path) if e is _FOLDED and s.module is not None)
+    via = tuple(ctx.name(s.call.module) for s in reversed(path) if s.folded and s.call.module is not None)
     return FoldSite(
         ctx.name(norm), layer_type(norm).__name__, (name,), (layer_type(layer).__name__,), "backward", ReadThrough(via)
     )
@@ -105,7 +93,7 @@ def _check_axis(
     source: Call,
     layer: nn.Module,
     rule: FoldRule,
-    path: list[tuple[Call, OpEntry]],
+    path: tuple[Step, ...],
     ctx: PlanContext,
 ) -> None:
     """The norm's channel axis, followed back through the path, must be the layer's output channels."""
@@ -114,14 +102,9 @@ def _check_axis(
     if out_ndim is None or in_ndim is None:
         raise Kept("the shape of its input is unknown", name)
     norm_axis = rule.channel_axis(norm, in_ndim)
-    axis = norm_axis
-    for step, entry in path:
-        if entry is _FOLDED:
-            continue
-        before = axis_before(step, axis, entry)
-        if before is None:
-            raise Kept(f"'{step.target}' between '{name}' and it {entry.mixes}", name)
-        axis = before
+    axis = axis_up(path, norm_axis)
+    if isinstance(axis, Step):
+        raise Kept(f"'{axis.call.target}' between '{name}' and it {axis.entry.mixes}", name)
     layer_axis = channel_axis(layer, rule.weight_layout, out_ndim)
     if axis != layer_axis:
         moved = f" (axis {axis} of the output of '{name}')" if path else ""

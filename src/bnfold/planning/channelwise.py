@@ -6,13 +6,16 @@ same way a norm does. "Constant" means a parameter or buffer of the model that
 nothing else reads: no other op, no other constant site, and not the forward of
 a module bnfold does not look into (its owner, say). It may reach the op through
 reshapes (``view``, ``reshape``, ``unsqueeze``, ``g[:, None, None]``: the op
-table's ``reshaped`` entries). The op stays in the model's code, so after
+registry's ``reshaped`` entries). The op stays in the model's code, so after
 folding the constant is set to its neutral value (1 for mul/div, 0 for
 add/sub), which makes the op the exact identity.
 
-Between the layer and the op, the same look-through steps as a backward fold
-are allowed (the op table, norms already folded into the layer). Needs the
-shapes of an execution trace (``example_inputs``).
+Between the layer and the op, the walk up from the op
+(:func:`~bnfold.planning.channel_walk.walk_up`) takes the same steps as a backward
+fold (the op registry, norms already folded into the layer, constants already
+folded into it), and every step must let a norm's scale and shift through: the
+constant folds with a norm's arithmetic. Needs the shapes of an execution trace
+(``example_inputs``).
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ from torch import Tensor, nn
 from ..discover.graph import Call, DataFlowGraph, Shape, TensorRef, ValueKey
 from ..rules.classes import has_type, layer_type
 from ..rules.layers import channel_axis
-from ..rules.ops import OpEntry, entry_for
-from .backward import CAT_OPS
+from ..rules.ops import NORM_FOLD, POSITIVE_NORM_FOLD, OpEntry, entry_for
+from .channel_walk import END, End, Look, Step, axis_down, first_block, walk_up
 from .context import Kept, PlanContext, layer_reason
 from .fold_plan import AppliedBy, ConstantOp, FoldSite, KeptNorm, PlanRow
 
 __all__ = [
-    "CONSTANT_OPS",
+    "constant_op",
     "ConstantOperand",
     "find_constant",
     "per_channel_axis",
@@ -44,27 +47,15 @@ __all__ = [
     "readers_inside",
 ]
 
-# op name as recorded -> what it applies
-CONSTANT_OPS: dict[str, ConstantOp] = {
-    "Tensor.mul": "mul",
-    "Tensor.mul_": "mul",
-    "Tensor.__mul__": "mul",
-    "Tensor.__rmul__": "mul",
-    "_VariableFunctionsClass.mul": "mul",
-    "Tensor.div": "div",
-    "Tensor.div_": "div",
-    "Tensor.__truediv__": "div",
-    "_VariableFunctionsClass.div": "div",
-    "Tensor.add": "add",
-    "Tensor.add_": "add",
-    "Tensor.__add__": "add",
-    "Tensor.__radd__": "add",
-    "_VariableFunctionsClass.add": "add",
-    "Tensor.sub": "sub",
-    "Tensor.sub_": "sub",
-    "Tensor.__sub__": "sub",
-    "_VariableFunctionsClass.sub": "sub",
-}
+
+def constant_op(call: Call) -> ConstantOp | None:
+    """What a recorded call applies when it is a binary op a channel-wise constant may take (the registry's
+    ``applies``; Python's ``x += c`` is left alone), else ``None``."""
+    entry = entry_for(call) if call.kind == "function" else None
+    return entry.applies if entry is not None and not entry.augmented else None
+
+
+_NONE = OpEntry("other")  # what an op outside the registry counts as
 
 
 @dataclass(frozen=True)
@@ -181,15 +172,6 @@ def is_neutral(kind: ConstantOp, value: Tensor) -> bool:
     return bool(torch.equal(value, neutral_value(kind, value)))
 
 
-@dataclass(frozen=True)
-class _Source:
-    """The layer a value comes from, the channel axis there, and the look-through steps on the way."""
-
-    layer: nn.Module
-    axis: int
-    steps: tuple[tuple[Call, OpEntry], ...] = ()
-
-
 def readers_inside(ctx: PlanContext) -> dict[str, str]:
     """Constant name -> a module that holds it and runs as one unit in the trace (its own forward may read
     the constant where bnfold cannot see); see :attr:`PlanContext.readers_inside`."""
@@ -201,34 +183,13 @@ def constant_rows(ctx: PlanContext) -> list[PlanRow]:
     graph = ctx.graph
     if not graph.has_shapes:
         return []
-    layers = ctx.rules.layer_types()
     inside = readers_inside(ctx)
-    sources: dict[ValueKey, _Source] = {}
+    folded: dict[int, ValueKey] = {}  # constant op folded into its layer -> its activation (looked through)
     rows: list[PlanRow] = []
-
-    def only_reader(value: ValueKey, call: Call) -> bool:
-        return graph.consumers.get(value, []) == [call.index]
-
     for call in graph.calls:
         if len(call.outputs) != 1 or call.index in ctx.claimed_calls:
             continue
-        if call.kind == "module" and call.module is not None and call.inputs:
-            module, shape = call.module, call.output_shapes[0]
-            if shape is not None and has_type(module, layers):
-                layout = ctx.rules.layout_for(module)
-                sources[call.outputs[0]] = _Source(module, channel_axis(module, layout, len(shape)))
-                continue
-            if ctx.name(module) in ctx.transparent and call.inputs[0] in sources:
-                sources[call.outputs[0]] = sources[call.inputs[0]]
-                continue
-        entry = entry_for(call)
-        if entry is not None and len(call.inputs) == 1 and call.inputs[0] in sources:
-            source = sources[call.inputs[0]]
-            move = entry.maps(call, source.axis)
-            if move is not None and not move.flattened and only_reader(call.inputs[0], call):
-                sources[call.outputs[0]] = _Source(source.layer, move.axis, (*source.steps, (call, entry)))
-            continue
-        row = _constant_row(call, sources, inside, ctx)
+        row = _constant_row(call, folded, inside, ctx)
         if isinstance(row, FoldSite) and row.norm in ctx.refused:
             row = KeptNorm(row.norm, row.norm_type, ctx.refused[row.norm], row.partner)
         if row is not None:
@@ -236,12 +197,58 @@ def constant_rows(ctx: PlanContext) -> list[PlanRow]:
     return rows
 
 
-def _constant_row(
-    call: Call, sources: dict[ValueKey, _Source], inside: dict[str, str], ctx: PlanContext
-) -> PlanRow | None:
+def _look(folded: dict[int, ValueKey], ctx: PlanContext) -> Look:
+    """How the walk up from a constant op treats the calls it meets, beyond the registry: a norm already
+    folded into nn.Identity and a constant op already folded pass through; a call claimed by another
+    transform ends the walk."""
+
+    def look(call: Call) -> ValueKey | End | None:
+        if call.index in ctx.claimed_calls:
+            return END
+        if call.kind == "module" and call.module is not None and call.inputs:
+            if ctx.name(call.module) in ctx.transparent:
+                return call.inputs[0]
+        return folded.get(call.index)
+
+    return look
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The layer a value comes from, the channel axis there, and the steps between (from the layer down)."""
+
+    layer: nn.Module
+    axis: int
+    steps: tuple[Step, ...]
+
+
+def _source_of(activation: ValueKey, call: Call, folded: dict[int, ValueKey], ctx: PlanContext) -> _Source | None:
+    """The layer whose output reaches ``activation`` through ops that keep its channels on one axis, each
+    value on the way read by the next op only (values a pass looks through aside); ``None`` otherwise."""
+    graph = ctx.graph
+    walk = walk_up(graph, activation, call.index, look=_look(folded, ctx))
+    source = walk.source
+    if source is None or source.kind != "module" or source.module is None or not source.inputs:
+        return None
+    if source.index in ctx.claimed_calls:
+        return None
+    shape = source.output_shapes[0] if source.output_shapes else None
+    if len(source.outputs) != 1 or shape is None or not has_type(source.module, ctx.rules.layer_types()):
+        return None
+    if any(not s.folded and graph.consumers.get(s.input, []) != [s.call.index] for s in walk.steps):
+        return None
+    down = tuple(reversed(walk.steps))
+    layout = ctx.rules.layout_for(source.module)
+    axis = axis_down(down, channel_axis(source.module, layout, len(shape)))
+    if isinstance(axis, Step):
+        return None
+    return _Source(source.module, axis, tuple(s for s in down if not s.folded))
+
+
+def _constant_row(call: Call, folded: dict[int, ValueKey], inside: dict[str, str], ctx: PlanContext) -> PlanRow | None:
     """The row for one op, when it applies a per-channel constant to an activation; ``None`` otherwise."""
     graph = ctx.graph
-    kind = CONSTANT_OPS.get(call.target) if call.kind == "function" else None
+    kind = constant_op(call)
     pair = _operands(call) if kind else None
     if kind is None or pair is None:
         return None
@@ -269,13 +276,13 @@ def _constant_row(
             raise Kept("it changes the constant in place")
         if constant.reason:
             raise Kept(constant.reason)
-        if activation not in sources:
+        source = _source_of(activation, call, folded, ctx)
+        if source is None:
             producer = graph.producer.get(activation)
             what = graph.calls[producer].target if producer is not None else "a model input"
-            if producer is not None and graph.calls[producer].target in CAT_OPS:
+            if producer is not None and (entry_for(graph.calls[producer]) or _NONE).kind == "joined":
                 what = "torch.cat"
             raise Kept(f"its input comes from '{what}', not from a Conv/ConvTranspose/Linear layer")
-        source = sources[activation]
         name = ctx.name(source.layer)
         if graph.consumers.get(activation, []) != [call.index]:
             raise Kept(f"the output of '{name}' is also read elsewhere", name)
@@ -287,11 +294,11 @@ def _constant_row(
         if call.output_shapes[0] != act_shape:
             raise Kept("it changes the shape of its input", name)
         positive = kind in ("add", "sub") or bool((value.detach() > 0).all())
-        for step, entry in source.steps:
-            reason = entry.condition(step, positive)
-            if reason:
-                raise Kept(f"'{step.target}' between '{name}' and it {reason}", name)
-        sources[call.outputs[0]] = source
+        # folded with a norm's arithmetic, so its walk carries what a norm fold carries
+        blocked = first_block(source.steps, POSITIVE_NORM_FOLD if positive else NORM_FOLD)
+        if blocked:
+            raise Kept(f"'{blocked[0].call.target}' between '{name}' and it {blocked[1]}", name)
+        folded[call.index] = activation
         return FoldSite(
             constant.name, label, (name,), (layer_type(source.layer).__name__,), "constant", AppliedBy(kind)
         )

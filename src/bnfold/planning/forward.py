@@ -1,9 +1,11 @@
 """Forward folds: a norm into every layer that reads it, ``layer(norm(x))``.
 
-The walk goes down from the norm's output through the op table (identities in
-eval mode, reshapes, permutes, pooling, means over other axes) to the layers
-that read it; each must take a forward fold (exact when it does not pad its
-input with zeros). The channel axis is followed along each path with that
+The walk goes down from the norm's output
+(:func:`~bnfold.planning.channel_walk.walk_down`) through the op registry
+(identities in eval mode, reshapes, permutes, pooling, means over other axes) to
+the layers that read it, each of which must take a forward fold (exact when it
+does not pad its input with zeros). Every op on the way must let the norm's scale
+and shift through (a ReLU does not). The channel axis is followed along each path with that
 layer's own rule, so a pair rule speaks for its own pair only.
 """
 
@@ -12,17 +14,21 @@ from __future__ import annotations
 from torch import nn
 
 from ..discover.aliasing import changed_later
-from ..discover.graph import Call, ValueKey
+from ..discover.graph import Call
 from ..rules.classes import layer_type
 from ..rules.layers import channel_axis, in_channels
-from ..rules.ops import OpEntry, entry_for
+from ..rules.ops import NORM_FOLD, POSITIVE_NORM_FOLD
 from ..rules.table import FoldRule
+from .channel_walk import Blocked, Step, follow_down, walk_down
 from .context import Kept, PlanContext, rule_for, symbolic_rank_check
 from .fold_plan import FoldSite
 
 __all__ = ["fold_forward"]
 
-Path = tuple[tuple[Call, OpEntry], ...]
+_STOPS = {
+    "output": "its output is also a model output",
+    "unread": "its output is not read by any layer",
+}
 
 
 def fold_forward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
@@ -36,35 +42,21 @@ def fold_forward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
             "next layer would read that tensor itself"
         )
     partners: list[nn.Module] = []
-    frontier: list[tuple[ValueKey, Path]] = [(call.outputs[0], ())]
-    seen: set[int] = set()
-    while frontier:
-        value, path = frontier.pop()
-        readers = graph.consumers.get(value, [])
-        if not readers:
-            raise Kept("its output is not read by any layer")
-        for index in readers:
-            reader = graph.calls[index]
-            if reader.kind == "output":
-                raise Kept("its output is also a model output")
-            if index in seen:
-                continue
-            seen.add(index)
-            what = ctx.name(reader.module) if reader.module is not None else reader.target
-            if reader.inputs.count(value) != 1 or reader.inputs[0] != value or len(reader.outputs) != 1:
-                raise Kept(f"'{what}' reads its output in a way bnfold cannot follow", what)
-            entry = entry_for(reader)
-            if entry is not None and len(reader.inputs) == 1:
-                if reader.module is not None and len(graph.calls_of(reader.module)) > 1:
-                    raise Kept(f"'{what}' is called more than once", what)
-                if not graph.has_shapes and entry.without_shapes == "stop":
-                    raise Kept(f"its output goes to '{what}', which it cannot fold into without example_inputs", what)
-                frontier.append((reader.outputs[0], (*path, (reader, entry))))
-                continue
-            if reader.kind != "module" or reader.module is None:
-                raise Kept(f"its output goes to '{reader.target}', which it cannot fold into", reader.target)
-            _check_partner(norm, call, reader.module, reader, path, ctx)
-            partners.append(reader.module)
+    for reached in walk_down(graph, call.outputs[0]):
+        reader = reached.call
+        if reader is None or reached.stop in _STOPS:
+            raise Kept(_STOPS[reached.stop or "unread"])
+        what = ctx.name(reader.module) if reader.module is not None else reader.target
+        if reached.stop == "tangled":
+            raise Kept(f"'{what}' reads its output in a way bnfold cannot follow", what)
+        if reached.stop == "shared":
+            raise Kept(f"'{what}' is called more than once", what)
+        if reached.stop == "needs_shapes":
+            raise Kept(f"its output goes to '{what}', which it cannot fold into without example_inputs", what)
+        if reader.kind != "module" or reader.module is None:
+            raise Kept(f"its output goes to '{reader.target}', which it cannot fold into", reader.target)
+        _check_partner(norm, call, reader.module, reader, reached.path, ctx)
+        partners.append(reader.module)
     names = tuple(ctx.name(p) for p in partners)
     return FoldSite(
         ctx.name(norm),
@@ -76,34 +68,28 @@ def fold_forward(norm: nn.Module, call: Call, ctx: PlanContext) -> FoldSite:
     )
 
 
-def _follow(norm: nn.Module, call: Call, path: Path, rule: FoldRule, ctx: PlanContext) -> tuple[int | None, bool]:
+def _follow(
+    norm: nn.Module, call: Call, path: tuple[Step, ...], rule: FoldRule, ctx: PlanContext
+) -> tuple[int | None, bool]:
     """The norm's channel axis where ``path`` ends, by ``rule``, and whether the path flattened it into
-    channel-major blocks; the axis is ``None`` without shapes. Raise Kept where a step breaks it."""
-    positive = ctx.positive(rule, norm)
+    channel-major blocks; the axis is ``None`` without shapes. Raise Kept where a step breaks it, or does not
+    let the norm's scale and shift through."""
+    carried = POSITIVE_NORM_FOLD if ctx.positive(rule, norm) else NORM_FOLD
     in_ndim = call.input_ndims[0]
     axis = rule.channel_axis(norm, in_ndim) if in_ndim is not None else None
-    flattened = False
-    for step, entry in path:
-        target = ctx.name(step.module) if step.module is not None else step.target
-        if axis is None:  # no shapes: only steps that cannot move the axis, and a full Flatten
-            if flattened and entry.kind == "pooled":
-                raise Kept(f"'{target}' after it pools the flattened channels", target)
-            flattened = flattened or entry.without_shapes == "flatten"
-        elif flattened:
-            if step.input_shapes[0] != step.output_shapes[0]:
-                raise Kept(f"'{target}' after it reshapes the flattened channels", target)
-        else:
-            move = entry.maps(step, axis)
-            if move is None:
-                raise Kept(f"'{target}' after it {entry.mixes}", target)
-            axis, flattened = move.axis, move.flattened
-        reason = entry.condition(step, positive)
-        if reason:
-            raise Kept(f"'{target}' between it and the next layer {reason}", target)
-    return axis, flattened
+    followed = follow_down(path, axis, carried)
+    if isinstance(followed, Blocked):
+        step = followed.step
+        target = ctx.name(step.call.module) if step.call.module is not None else step.call.target
+        if followed.on_axis:
+            raise Kept(f"'{target}' after it {followed.reason}", target)
+        raise Kept(f"'{target}' between it and the next layer {followed.reason}", target)
+    return followed.axis, followed.flattened
 
 
-def _check_partner(norm: nn.Module, call: Call, layer: nn.Module, reader: Call, path: Path, ctx: PlanContext) -> None:
+def _check_partner(
+    norm: nn.Module, call: Call, layer: nn.Module, reader: Call, path: tuple[Step, ...], ctx: PlanContext
+) -> None:
     name = ctx.name(layer)
     rule = rule_for(layer, norm, "forward", ctx)
     layout = rule.weight_layout

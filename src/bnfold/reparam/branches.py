@@ -2,7 +2,9 @@
 
 A sum of branches that all read the same tensor ``x`` (``a + b``, ``a + b + c``, ``+=``, ``a - b``, with
 scalar or per-channel coefficients), each a linear chain from ``x`` (a convolution and the norms and affine
-maps after it, a norm alone, nothing at all, an average pool, a 1x1 convolution before or after a kxk one),
+maps after it, a norm alone, nothing at all, an average pool, a 1x1 convolution before or after a kxk one;
+through ops that hand on their input unchanged, by the op registry: ``nn.Identity``, Dropout in eval mode,
+``clone``; a reshape or a permute still ends a branch),
 and optionally a norm or affine map after the sum, is one convolution at inference. A sum that also adds
 branches that are not linear (an activation on a branch) is found too, each such branch as the chain of
 modules that computes it from ``x``: the linear branches may merge while those keep running
@@ -15,15 +17,17 @@ constants of the branches (:mod:`bnfold.recipes`, which also turns it into one c
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from ..discover.graph import Call, Span, TensorRef, ValueKey
-from ..planning.channelwise import CONSTANT_OPS, find_constant, readers_inside
+from ..planning.channel_walk import hands_on_values
+from ..planning.channelwise import constant_op, find_constant, readers_inside
 from ..planning.context import Kept, PlanContext, layer_reason
 from ..rules.classes import type_chain
 from ..rules.layers import CONVS
+from ..rules.ops import entry_for
 from ..rules.table import RuleTable
 from .merge_arithmetic import NotExact
 from .recipes import (
@@ -43,15 +47,13 @@ from .recipes import (
 
 __all__ = ["Term", "Branches", "find_branches", "region_reason", "channels_and_dims"]
 
-_ADD = {
-    "Tensor.add",
-    "Tensor.add_",
-    "Tensor.__add__",
-    "Tensor.__iadd__",
-    "Tensor.__radd__",
-    "_VariableFunctionsClass.add",
-}
-_SUB = {"Tensor.sub", "Tensor.sub_", "Tensor.__sub__", "Tensor.__isub__", "_VariableFunctionsClass.sub"}
+
+def _sum_sign(call: Call) -> float | None:
+    """``+1`` for a call that adds its two operands, ``-1`` for one that subtracts the second (the registry's
+    ``applies``, Python's ``+=`` and ``-=`` included), else ``None``."""
+    entry = entry_for(call) if call.kind == "function" else None
+    applies = entry.applies if entry is not None else None
+    return 1.0 if applies == "add" else -1.0 if applies == "sub" else None
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,9 @@ class _Analysis:
     def _step(self, call: Call) -> _Found:
         if len(call.outputs) != 1:
             raise _Stop
+        if hands_on_values(call):  # nn.Identity, Dropout in eval mode, clone: the branch goes on through it
+            inner = self.value(call.inputs[0], call.index)
+            return replace(inner, calls=inner.calls | {call.index})
         if call.kind == "module" and call.module is not None and len(call.inputs) == 1:
             module, name = call.module, self.ctx.name(call.module)
             kind = (
@@ -200,8 +205,8 @@ class _Analysis:
             )
         if call.kind != "function":
             raise _Stop
-        if call.target in _ADD | _SUB and len(call.args) == 2 and not call.kwargs:
-            sign = -1.0 if call.target in _SUB else 1.0
+        sign = _sum_sign(call)
+        if sign is not None and len(call.args) == 2 and not call.kwargs:
             a, b = call.args
             if isinstance(a, TensorRef) and isinstance(b, TensorRef):
                 left, right = self.value(a.key, call.index), self.value(b.key, call.index)
@@ -215,7 +220,7 @@ class _Analysis:
                     terms=parts,
                     made_by=call.index,
                 )
-        op = CONSTANT_OPS.get(call.target)
+        op = constant_op(call)
         if op is not None and len(call.args) == 2 and not call.kwargs:
             return self._coefficient(call, op)
         raise _Stop
