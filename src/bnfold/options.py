@@ -39,6 +39,7 @@ class FoldOptions:
     inplace: bool = False
     verify: VerifyMode = "outputs"
     reparameterize: bool = False
+    equalize: bool = False
     hints: bool = True
     caller: str = "fold"
 
@@ -101,6 +102,7 @@ def fold_options(
     inplace: bool = False,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
+    equalize: bool = False,
     hints: bool = True,
 ) -> FoldOptions:
     """Check a public call's arguments (all but the model) and gather them in one :class:`FoldOptions`.
@@ -111,6 +113,7 @@ def fold_options(
     inputs = check_inputs(example_inputs)
     _check_flag("inplace", inplace)
     _check_flag("reparameterize", reparameterize)
+    _check_flag("equalize", equalize)
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be 'outputs' or 'layers', got {verify!r}")
     if reparameterize and inputs is None:
@@ -118,5 +121,10 @@ def fold_options(
             "reparameterize=True needs example_inputs (merging branches follows the recorded shapes), e.g. "
             f"bnfold.{caller}(model, torch.randn(1, 3, 224, 224), reparameterize=True)"
         )
+    if equalize and verify == "layers":
+        raise ValueError(
+            "verify='layers' cannot check equalize=True (equalization scales the layers between the folds): "
+            "leave verify='outputs' to check the folded and equalized model end to end"
+        )
     rules, kinds = build_rules(extra_rules), build_kinds(extra_kinds)
-    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, hints, caller)
+    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, equalize, hints, caller)
