@@ -1514,7 +1514,7 @@ def _classify(case: Case) -> Outcome:
             *inputs,
             inplace=case.options.inplace,
             reparameterize=case.options.reparameterize,
-            equalize=case.options.equalize,
+            equalize="all" if case.options.equalize else False,
         )
     except bnfold.BnfoldError as error:
         if not _same_state(_state(program), before):
@@ -1537,7 +1537,7 @@ def _classify(case: Case) -> Outcome:
                 model,
                 *(() if case.options.symbolic else (same_x,)),
                 reparameterize=case.options.reparameterize,
-                equalize=case.options.equalize,
+                equalize="all" if case.options.equalize else False,
             ),
         )
     except Exception as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -26,7 +26,7 @@ def plan(
     extra_rules: Iterable[AnyRule] | None = None,
     extra_kinds: Iterable[FoldKind] | None = None,
     reparameterize: bool = False,
-    equalize: bool = False,
+    equalize: bool | Literal["all"] = False,
 ) -> FoldPlan:
     """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
 
@@ -60,7 +60,7 @@ def fold_with_report(
     extra_kinds: Iterable[FoldKind] | None = None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
-    equalize: bool = False,
+    equalize: bool | Literal["all"] = False,
 ) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
 
@@ -93,7 +93,7 @@ def fold(
     extra_kinds: Iterable[FoldKind] | None = None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
-    equalize: bool = False,
+    equalize: bool | Literal["all"] = False,
 ) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
 
@@ -114,8 +114,10 @@ def fold(
     ``equalize=True`` then prepares the weights for 8-bit quantization, exactly: after folding (and merging),
     each layer's output channels are divided by positive scales that the layers reading them take back on
     their input channels, wherever what lies between lets a per-channel scale through (ReLU, pooling...), so
-    that the per-channel weight ranges on both sides are equal (cross-layer equalization). The plan lists
-    every equalized chain and every layer kept out of one, with the reason.
+    that the per-channel weight ranges on both sides are equal (cross-layer equalization). With example
+    inputs, a chain is equalized only when that does not lower the model's output SQNR with per-tensor 8-bit
+    weights on them (equal ranges are not always what 8-bit weights need); ``equalize="all"`` equalizes every
+    chain it can. The plan lists every equalized chain and every layer kept out of one, with the reason.
 
     ``reparameterize=True`` also merges parallel branches that read the same tensor and are summed
     (RepVGG, MobileOne, ACNet, DBB blocks, and a user's own) into one convolution: the module around them

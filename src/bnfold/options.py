@@ -40,6 +40,7 @@ class FoldOptions:
     verify: VerifyMode = "outputs"
     reparameterize: bool = False
     equalize: bool = False
+    equalize_all: bool = False  # every exact chain, not only those the example inputs show help 8-bit weights
     hints: bool = True
     caller: str = "fold"
 
@@ -89,7 +90,8 @@ def check_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        also = " (or 'all')" if name == "equalize" else ""
+        raise TypeError(f"{name} must be True or False{also}, got {value!r}")
     return value
 
 
@@ -102,7 +104,7 @@ def fold_options(
     inplace: bool = False,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
-    equalize: bool = False,
+    equalize: bool | Literal["all"] = False,
     hints: bool = True,
 ) -> FoldOptions:
     """Check a public call's arguments (all but the model) and gather them in one :class:`FoldOptions`.
@@ -113,7 +115,8 @@ def fold_options(
     inputs = check_inputs(example_inputs)
     _check_flag("inplace", inplace)
     _check_flag("reparameterize", reparameterize)
-    _check_flag("equalize", equalize)
+    if equalize != "all":
+        _check_flag("equalize", equalize)
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be 'outputs' or 'layers', got {verify!r}")
     if reparameterize and inputs is None:
@@ -127,4 +130,5 @@ def fold_options(
             "leave verify='outputs' to check the folded and equalized model end to end"
         )
     rules, kinds = build_rules(extra_rules), build_kinds(extra_kinds)
-    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, equalize, hints, caller)
+    every = equalize == "all"
+    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, bool(equalize), every, hints, caller)

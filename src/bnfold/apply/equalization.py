@@ -10,13 +10,17 @@ Data-Free Quantization iterates conv -> depthwise -> conv. Every write goes thro
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..discover.nested import detached_copy, iter_tensors
+from ..discover.running import inference
 from ..planning.equalize_pass import EqualizedChain, EqualizedPair
-from ..planning.fold_plan import FoldSite
+from ..planning.fold_plan import FoldPlan, FoldSite, KeptNorm
 from ..rules.norms import tensor_attr
 from ..rules.table import RuleTable
 from ..rules.weight_hooks import effective_weight
@@ -27,8 +31,17 @@ from .equalize_arithmetic import (
     per_tensor_sqnr,
     range_spread,
 )
+from .surgery import apply_plan
 
-__all__ = ["SWEEPS", "TOLERANCE", "apply_equalize", "measure_layers"]
+__all__ = [
+    "SWEEPS",
+    "TOLERANCE",
+    "apply_equalize",
+    "measure_layers",
+    "quantized_weights",
+    "output_sqnr",
+    "chains_worth_it",
+]
 
 SWEEPS = 20
 TOLERANCE = 1e-6  # largest |log s| of a sweep that still counts as a move
@@ -87,3 +100,73 @@ def measure_layers(model: nn.Module, names: list[str], rules: RuleTable) -> dict
         ranges = output_channel_ranges(weight, rules.layout_for(layer), _groups(layer))
         found[name] = (range_spread(ranges), per_tensor_sqnr(weight))
     return found
+
+
+def quantized_weights(model: nn.Module, rules: RuleTable) -> nn.Module:
+    """A copy of ``model`` whose layer weights (the rules' Conv/ConvTranspose/Linear) are rounded to symmetric
+    8-bit with one scale per tensor: what a runtime with per-tensor weight quantization computes."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in twin.modules():
+            weight = tensor_attr(module, "weight")
+            if rules.layer_rule(module) is None or weight is None or not weight.is_floating_point():
+                continue
+            if not isinstance(module._parameters.get("weight"), Tensor):
+                continue  # computed by a hook or a parametrization: left as it is
+            top = float(weight.abs().max())
+            if top > 0:
+                step = top / 127
+                weight.copy_((weight / step).round() * step)
+    return twin
+
+
+def output_sqnr(model: nn.Module, quantized: nn.Module, args: tuple[Any, ...]) -> float:
+    """The SQNR in dB of ``quantized``'s floating-point outputs against ``model``'s on ``args`` (higher is
+    better; ``inf`` when they are equal)."""
+    outputs = []
+    for target in (model, quantized):
+        with inference(target):
+            outputs.append([t.double() for t in iter_tensors(target(*detached_copy(args))) if t.is_floating_point()])
+    signal = sum(float(r.pow(2).sum()) for r in outputs[0])
+    noise = sum(float((r - q).pow(2).sum()) for r, q in zip(*outputs, strict=True))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def chains_worth_it(model: nn.Module, plan: FoldPlan, rules: RuleTable, args: tuple[Any, ...]) -> FoldPlan:
+    """``plan`` (equalization rows on the folded ``model``) with each chain that would lower the output SQNR
+    of per-tensor 8-bit weights on ``args`` kept instead, with the figures: equalizing weight ranges is not
+    always what 8-bit weights need (a layer's largest channel sets everyone's step). Chains are tried in
+    order on a scratch copy, each kept or taken back by what it does to the measured SQNR; ``model`` is not
+    changed."""
+    chains = [s for s in plan.sites if plan.kind(s).tally == "equalized"]
+    if not chains:
+        return plan
+    scratch = copy.deepcopy(model)
+    current = output_sqnr(scratch, quantized_weights(scratch, rules), args)
+    refused: dict[str, KeptNorm] = {}
+    for site in chains:
+        log = apply_plan(
+            scratch, FoldPlan(plan.model_type, plan.traced_with, (site,), (), (site.norm,), plan.kinds), rules
+        )
+        trial = output_sqnr(scratch, quantized_weights(scratch, rules), args)
+        if trial + 1e-9 < current:
+            log.undo()
+            reason = (
+                f"equalizing it would lower the output SQNR with per-tensor 8-bit weights on the example inputs "
+                f"({current:.1f} -> {trial:.1f} dB)"
+            )
+            refused[site.norm] = KeptNorm(site.norm, site.norm_type, reason, site.partners[-1], kind="equalize")
+        else:
+            current = trial
+    if not refused:
+        return plan
+    return FoldPlan(
+        plan.model_type,
+        plan.traced_with,
+        tuple(s for s in plan.sites if s.norm not in refused),
+        (*plan.kept, *refused.values()),
+        plan.order,
+        plan.kinds,
+    )
