@@ -78,6 +78,7 @@ class Options:
     leaves: bool = False  # every value no step reads is an output too (else the last and the marked ones)
     reparameterize: bool = False  # bnfold.fold(..., reparameterize=True): parallel branches merged too
     symbolic: bool = False  # folded without example inputs (torch.fx): no run, so no output check either
+    equalize: bool = False  # bnfold.fold(..., equalize=True): weight ranges equalized across layers too
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def random_case(seed: int) -> Case:
     )
     inplace, train, leaves, reparameterize = (r.random() < p for p in (0.15, 0.03, 0.5, 0.25))
     symbolic = r.random() < 0.2  # merging branches needs example inputs: a symbolic program only folds
-    options = Options(shape, inplace, train, leaves, reparameterize and not symbolic, symbolic)
+    equalize = r.random() < 0.3  # drawn last: the draws before it are what they always were
+    options = Options(shape, inplace, train, leaves, reparameterize and not symbolic, symbolic, equalize)
     return Case(seed, genes, options)
 
 
@@ -1508,7 +1510,11 @@ def _classify(case: Case) -> Outcome:
     inputs = () if case.options.symbolic else (x,)
     try:
         result = bnfold.fold_with_report(
-            program, *inputs, inplace=case.options.inplace, reparameterize=case.options.reparameterize
+            program,
+            *inputs,
+            inplace=case.options.inplace,
+            reparameterize=case.options.reparameterize,
+            equalize="all" if case.options.equalize else False,
         )
     except bnfold.BnfoldError as error:
         if not _same_state(_state(program), before):
@@ -1528,7 +1534,10 @@ def _classify(case: Case) -> Outcome:
             result.model,
             x,
             lambda model, same_x: bnfold.fold(
-                model, *(() if case.options.symbolic else (same_x,)), reparameterize=case.options.reparameterize
+                model,
+                *(() if case.options.symbolic else (same_x,)),
+                reparameterize=case.options.reparameterize,
+                equalize="all" if case.options.equalize else False,
             ),
         )
     except Exception as error:
@@ -1614,6 +1623,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"seed {args.replay}: input {case.options.input_shape}, inplace={case.options.inplace}, "
             f"train={case.options.train}, reparameterize={case.options.reparameterize}, "
+            f"equalize={case.options.equalize}, "
             f"symbolic={case.options.symbolic}"
         )
         print(listing(build(case)))

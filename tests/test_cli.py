@@ -856,3 +856,31 @@ def test_reparameterize_merges_branches_and_the_checkpoint_loads(tmp_path):
     assert sum(isinstance(m, bnfold.MergedConv) for m in fresh.modules()) == 22
     with torch.no_grad():
         assert fresh(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_equalize_plans_folds_and_writes_a_checkpoint_that_loads(tmp_path):
+    torchvision = pytest.importorskip("torchvision", reason="torchvision:resnet18 needs torchvision")
+    pytest.importorskip("safetensors", reason="the equalized model is written as .safetensors")
+    planned = bnfold_cmd(
+        "torchvision:resnet18", "--input-shape", "1,3,32,32", "--equalize", "--dry-run", "--json", "-q", cwd=tmp_path
+    )
+    assert planned.returncode == 0, planned.stderr
+    rows = json.loads(planned.stdout)
+    lowered = [r for r in rows["layers"] if (r["reason"] or "").startswith("equalizing it would lower")]
+    assert rows["equalized"] + len(lowered) == 8  # each block's conv1 -> relu -> conv2, kept when it would not help
+    done = bnfold_cmd(
+        "torchvision:resnet18",
+        "--input-shape",
+        "1,3,32,32",
+        "--equalize",
+        "-o",
+        "eq.safetensors",
+        "--json",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["equalized"] == rows["equalized"] and len(report["equalized_layers"]) == 2 * report["equalized"]
+    fresh = bnfold.load_folded(torchvision.models.resnet18(weights=None).eval(), tmp_path / "eq.safetensors")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fresh.modules())

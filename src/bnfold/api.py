@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -26,6 +26,7 @@ def plan(
     extra_rules: Iterable[AnyRule] | None = None,
     extra_kinds: Iterable[FoldKind] | None = None,
     reparameterize: bool = False,
+    equalize: bool | Literal["all"] = False,
 ) -> FoldPlan:
     """Every norm layer of ``model`` with its decision (fold into which layer, or keep and why).
 
@@ -40,7 +41,12 @@ def plan(
     """
     model = check_model(model, "plan")
     options = fold_options(
-        "plan", example_inputs, extra_rules=extra_rules, extra_kinds=extra_kinds, reparameterize=reparameterize
+        "plan",
+        example_inputs,
+        extra_rules=extra_rules,
+        extra_kinds=extra_kinds,
+        reparameterize=reparameterize,
+        equalize=equalize,
     )
     return plan_model(model, options, stacklevel=2)[0]
 
@@ -54,6 +60,7 @@ def fold_with_report(
     extra_kinds: Iterable[FoldKind] | None = None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
+    equalize: bool | Literal["all"] = False,
 ) -> FoldResult:
     """Like :func:`fold`, and also return a :class:`FoldReport` (decisions, sizes, measured error).
 
@@ -72,6 +79,7 @@ def fold_with_report(
         inplace=inplace,
         verify=verify,
         reparameterize=reparameterize,
+        equalize=equalize,
     )
     return fold_model(model, options, stacklevel=2)
 
@@ -85,6 +93,7 @@ def fold(
     extra_kinds: Iterable[FoldKind] | None = None,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
+    equalize: bool | Literal["all"] = False,
 ) -> nn.Module:
     """Fold every norm layer of ``model`` that can be folded exactly into its neighbouring layer.
 
@@ -101,6 +110,14 @@ def fold(
     own float32 outputs are, and every folded layer gives the original's values on the original's own inputs.
     So models whose outputs jump with tiny rounding differences (detection models) fold under this check too.
     ``verify="layers"`` checks only each folded layer on the original's own inputs, not the model end to end.
+
+    ``equalize=True`` then prepares the weights for 8-bit quantization, exactly: after folding (and merging),
+    each layer's output channels are divided by positive scales that the layers reading them take back on
+    their input channels, wherever what lies between lets a per-channel scale through (ReLU, pooling...), so
+    that the per-channel weight ranges on both sides are equal (cross-layer equalization). With example
+    inputs, a chain is equalized only when that does not lower the model's output SQNR with per-tensor 8-bit
+    weights on them (equal ranges are not always what 8-bit weights need); ``equalize="all"`` equalizes every
+    chain it can. The plan lists every equalized chain and every layer kept out of one, with the reason.
 
     ``reparameterize=True`` also merges parallel branches that read the same tensor and are summed
     (RepVGG, MobileOne, ACNet, DBB blocks, and a user's own) into one convolution: the module around them
@@ -121,6 +138,7 @@ def fold(
         inplace=inplace,
         verify=verify,
         reparameterize=reparameterize,
+        equalize=equalize,
         hints=False,  # fold() returns only the model: nobody reads the kept rows' hints
     )
     return fold_model(model, options, stacklevel=2).model

@@ -12,9 +12,12 @@ backward    a norm after one layer, ``norm(layer(x))``: the layer's output chann
 concat      a norm after a channel-wise ``torch.cat`` of layers: each takes a slice   norms
 forward     a norm before layers, ``layer(norm(x))``: their input channels            norms
 constant    a per-channel parameter applied by an op, ``layer(x) <op> constant``      constants (30)
+equalize    a chain of layers whose per-channel weight ranges are equalized by a      equalization
+            positive scale moved across what lies between them                        (equalize)
 ==========  ========================================================================  ==============
 
-Merges come first: the modules they take are no longer there for the other passes.
+Merges come first: the modules they take are no longer there for the other passes. Equalization runs in a
+second round, on the folded model.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
+from .apply.equalization import apply_equalize
 from .apply.surgery import apply_backward, apply_concat, apply_constant, apply_forward, apply_merge, apply_merged
 from .planning.channelwise import constant_rows
+from .planning.equalize_pass import EqualizedChain, equalize_rows
 from .planning.fold_plan import AppliedBy, ConcatSlices, FoldSite, ReadThrough
 from .planning.kinds import FoldKind, ProbeRole
 from .planning.norm_pass import norm_rows
@@ -76,6 +81,21 @@ def builtin_kinds() -> dict[str, FoldKind]:
             residue="neutral",
         ),
     ]
+    kinds.append(
+        FoldKind(
+            "equalize",
+            apply_equalize,
+            ProbeRole("none"),  # planned on the folded model: the output check proves it
+            equalize_rows,
+            order=10,
+            opt_in="equalize",
+            payload=EqualizedChain,
+            residue="none",
+            word="equalized",
+            tally="equalized",
+            label="equalizing them",
+        )
+    )
     return {kind.name: kind for kind in kinds}
 
 
@@ -86,7 +106,7 @@ def build_kinds(extra: Iterable[FoldKind] | None = None) -> Mapping[str, FoldKin
     """The built-in kinds with a call's ``extra_kinds``; an extra kind may not reuse a built-in name.
 
     >>> sorted(build_kinds())
-    ['backward', 'concat', 'constant', 'forward', 'merge', 'merged']
+    ['backward', 'concat', 'constant', 'equalize', 'forward', 'merge', 'merged']
     """
     if extra is None:
         return _BUILTIN

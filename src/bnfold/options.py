@@ -39,6 +39,8 @@ class FoldOptions:
     inplace: bool = False
     verify: VerifyMode = "outputs"
     reparameterize: bool = False
+    equalize: bool = False
+    equalize_all: bool = False  # every exact chain, not only those the example inputs show help 8-bit weights
     hints: bool = True
     caller: str = "fold"
 
@@ -88,7 +90,8 @@ def check_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        also = " (or 'all')" if name == "equalize" else ""
+        raise TypeError(f"{name} must be True or False{also}, got {value!r}")
     return value
 
 
@@ -101,6 +104,7 @@ def fold_options(
     inplace: bool = False,
     verify: VerifyMode = "outputs",
     reparameterize: bool = False,
+    equalize: bool | Literal["all"] = False,
     hints: bool = True,
 ) -> FoldOptions:
     """Check a public call's arguments (all but the model) and gather them in one :class:`FoldOptions`.
@@ -111,6 +115,8 @@ def fold_options(
     inputs = check_inputs(example_inputs)
     _check_flag("inplace", inplace)
     _check_flag("reparameterize", reparameterize)
+    if equalize != "all":
+        _check_flag("equalize", equalize)
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be 'outputs' or 'layers', got {verify!r}")
     if reparameterize and inputs is None:
@@ -118,5 +124,11 @@ def fold_options(
             "reparameterize=True needs example_inputs (merging branches follows the recorded shapes), e.g. "
             f"bnfold.{caller}(model, torch.randn(1, 3, 224, 224), reparameterize=True)"
         )
+    if equalize and verify == "layers":
+        raise ValueError(
+            "verify='layers' cannot check equalize=True (equalization scales the layers between the folds): "
+            "leave verify='outputs' to check the folded and equalized model end to end"
+        )
     rules, kinds = build_rules(extra_rules), build_kinds(extra_kinds)
-    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, hints, caller)
+    every = equalize == "all"
+    return FoldOptions(inputs, rules, kinds, inplace, verify, reparameterize, bool(equalize), every, hints, caller)

@@ -14,7 +14,16 @@ from .reparam.merge_recipe import MergeRecipe
 if TYPE_CHECKING:
     from .planning.fold_plan import FoldPlan
 
-__all__ = ["FoldReport", "model_size", "largest_weight", "plan_rows", "render_plan", "render_report", "wrap_field"]
+__all__ = [
+    "FoldReport",
+    "LayerQuantization",
+    "model_size",
+    "largest_weight",
+    "plan_rows",
+    "render_plan",
+    "render_report",
+    "wrap_field",
+]
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
@@ -45,6 +54,18 @@ def largest_weight(model: nn.Module, names: tuple[str, ...]) -> float:
 
 
 @dataclass(frozen=True)
+class LayerQuantization:
+    """What equalization did to one layer's weight: how far apart its per-output-channel ranges are (largest
+    over smallest) and its per-tensor symmetric 8-bit SQNR in dB, before and after."""
+
+    layer: str
+    spread_before: float
+    sqnr_before: float
+    spread_after: float
+    sqnr_after: float
+
+
+@dataclass(frozen=True)
 class FoldReport:
     """The plan, plus what the fold changed: size before and after, and the measured output error."""
 
@@ -63,6 +84,8 @@ class FoldReport:
     # for each merge: (block, largest |weight| of its branches' convolutions, of the merged convolution);
     # merged kernels can be harder to quantize when the second grows
     merge_weights: tuple[tuple[str, float, float], ...] = ()
+    # with equalize=True: each layer equalization touched, measured before and after
+    equalized_layers: tuple[LayerQuantization, ...] = ()
 
     @property
     def folded(self) -> int:
@@ -100,6 +123,17 @@ class FoldReport:
             "max_rel_error": finite(self.max_rel_error),
             "worst_output": self.worst_output,
             "checked": self.checked,
+            "equalized": self.plan.equalized,
+            "equalized_layers": [
+                {
+                    "layer": q.layer,
+                    "spread_before": finite(q.spread_before),
+                    "spread_after": finite(q.spread_after),
+                    "sqnr_before": finite(q.sqnr_before),
+                    "sqnr_after": finite(q.sqnr_after),
+                }
+                for q in self.equalized_layers
+            ],
         }
 
     def _merges(self) -> list[dict[str, Any]]:
@@ -273,6 +307,20 @@ def wrap_field(line: str, width: int | None, indent: int = 12) -> str:
     return textwrap.fill(line, width, subsequent_indent=" " * indent, break_long_words=False, break_on_hyphens=False)
 
 
+def _equalization_line(layers: tuple[LayerQuantization, ...]) -> str:
+    """One line: the per-tensor 8-bit weight SQNR of the equalized layers, and their largest channel-range
+    spread, before and after."""
+    finite = [q for q in layers if math.isfinite(q.sqnr_before) and math.isfinite(q.sqnr_after)]
+    mean_before = sum(q.sqnr_before for q in finite) / len(finite) if finite else math.nan
+    mean_after = sum(q.sqnr_after for q in finite) / len(finite) if finite else math.nan
+    spread_before = max(q.spread_before for q in layers)
+    spread_after = max(q.spread_after for q in layers)
+    return (
+        f"equalized:  {_count(len(layers), 'layer')}; per-tensor 8-bit weight SQNR {mean_before:.1f} -> "
+        f"{mean_after:.1f} dB (mean); largest spread of channel ranges {spread_before:.3g} -> {spread_after:.3g}"
+    )
+
+
 def render_report(report: FoldReport, *, width: int | None = None) -> str:
     """The plan table (reasons wrapped to ``width`` columns) followed by size and error totals."""
     lines = [render_plan(report.plan, width=width), ""]
@@ -291,6 +339,8 @@ def render_report(report: FoldReport, *, width: int | None = None) -> str:
                 "checked:    outputs against a float64 run of the original (the model amplifies float32 rounding: "
                 "the folded outputs are no further from it than the original's), and each folded layer"
             )
+    if report.equalized_layers:
+        lines.append(_equalization_line(report.equalized_layers))
     if report.merge_weights:
         before = max(b for _, b, _ in report.merge_weights)
         after = max(a for _, _, a in report.merge_weights)

@@ -209,11 +209,13 @@ def apply_plan(
     *,
     undoable: bool = True,
     replaced: dict[str, nn.Module] | None = None,
+    log: EditLog | None = None,
 ) -> EditLog:
     """Fold every site of ``plan`` into ``model`` in place; return the log of the edits made (see undo_all).
     With ``undoable=False`` the log keeps no way back: for a copy that is discarded if anything fails.
-    ``replaced``: the folded norms :func:`folded_copy` replaced while copying (name -> the original norm)."""
-    log = EditLog(undoable)
+    ``replaced``: the folded norms :func:`folded_copy` replaced while copying (name -> the original norm).
+    ``log``: make the edits in this log (after those it holds: a failure takes all of them back)."""
+    log = EditLog(undoable) if log is None else log
     surgery = Surgery(model, rules, log, dict(replaced or {}))
     for site in plan.sites:
         try:

@@ -88,11 +88,13 @@ def apply_until_it_runs(
     found: FoldPlan,
     options: FoldOptions,
     runner: Callable[[FoldPlan], Run],
+    finish: Callable[[nn.Module, EditLog, FoldPlan], FoldPlan] | None = None,
 ) -> tuple[nn.Module, EditLog, FoldPlan, Any]:
     """Fold ``found`` into ``model`` (or a copy, by ``options.inplace``) and run the result once with
     ``runner``'s run for that plan. A fold that cannot be applied, or that makes the run fail, is kept with the
     reason, and the model is planned and folded again without it: one bad fold never blocks the others.
-    Returns the folded model, the log of its edits, the plan it follows and what the run gave."""
+    ``finish``: a second round on the folded model before it runs (its edits in the same log), returning the
+    whole plan. Returns the folded model, the log of its edits, the plan it follows and what the run gave."""
     refused: dict[str, str] = {}
     while True:
         run = runner(found)
@@ -109,7 +111,12 @@ def apply_until_it_runs(
             applied = False
         else:
             try:
-                return target, undo, found, run(target)
+                complete = found if finish is None else finish(target, undo, found)
+            except BaseException:
+                undo_all(undo)
+                raise
+            try:
+                return target, undo, complete, run(target)
             except Exception as error:
                 undo_all(undo)
                 try:

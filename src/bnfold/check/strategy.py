@@ -25,6 +25,7 @@ from ..discover.lineage import Lineage, LineageMode
 from ..discover.nested import detached_copy, iter_tensors
 from ..discover.running import inference
 from ..discover.tracing import retrace_symbolic
+from ..errors import FoldError
 from ..options import FoldOptions
 from ..planning.fold_plan import FoldPlan
 from ..rules.table import RuleTable
@@ -155,6 +156,12 @@ def choose_check(model: nn.Module, graph: DataFlowGraph, options: FoldOptions) -
         return Check(None, reference, _retrace_runner(options.rules))
     # Outputs with no floating-point values, nor any known to come from floats, would prove nothing.
     comparable = _has_float_values(reference.outputs) or any(s.tensors for s in reference.sources.values())
+    if options.equalize and not comparable:
+        raise FoldError(
+            f"{type(model).__name__} returns no floating-point values (nor any bnfold saw it compute from floats), "
+            "so nothing could check equalize=True end to end; fold it without equalize, or pass inputs for which "
+            "it returns floats"
+        )
     if options.verify == "layers" or not comparable:
         return Check("layers", reference, _layer_runner(model, args))
     return Check("outputs", reference, _output_runner(args, bool(reference.sources)))

@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also merge parallel branches of one tensor (RepVGG, MobileOne, ...) into one convolution each",
     )
+    parser.add_argument(
+        "--equalize",
+        action="store_true",
+        help="then equalize per-channel weight ranges across layers, exactly, for 8-bit quantization",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show the plan only; fold nothing, write nothing")
     parser.add_argument("--bench", action="store_true", help="measure inference latency before and after folding")
     parser.add_argument(

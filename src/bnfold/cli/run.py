@@ -249,7 +249,7 @@ def execute(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         if args.output is not None or args.onnx is not None:
             progress.note("a dry run writes nothing: -o and --onnx are ignored")
         with progress.stage("tracing"):
-            found = plan(model, example, reparameterize=args.reparameterize)
+            found = plan(model, example, reparameterize=args.reparameterize, equalize=args.equalize)
         if args.json:
             json.dump(
                 {
@@ -258,6 +258,7 @@ def execute(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
                     "folded": found.folded,
                     "kept": len(found.kept),
                     "merged": found.merged,
+                    "equalized": found.equalized,
                     "dry_run": True,
                     "layers": plan_rows(found),
                     "input_shape": list(shape),
@@ -272,7 +273,9 @@ def execute(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         return ExitCode.OK
 
     with progress.stage(f"folding and checking {'outputs' if args.verify == 'outputs' else 'each folded layer'}"):
-        result = fold_with_report(model, example, verify=args.verify, reparameterize=args.reparameterize)
+        result = fold_with_report(
+            model, example, verify=args.verify, reparameterize=args.reparameterize, equalize=args.equalize
+        )
     bench = None
     if args.bench:
         bench = compare_latency(

@@ -207,9 +207,12 @@ def walk_down(
     graph: DataFlowGraph,
     value: ValueKey,
     carried: frozenset[Transform] | None = None,
+    through_shared: bool = False,
 ) -> Iterator[Reached]:
     """Walk down from ``value`` to every call that reads it, fanning out through the ops of the registry;
     yield each reader it does not go through (lazily, depth first, so a pass may stop at the first).
+    ``through_shared``: go through an op module called more than once too (each call is walked on its own;
+    a pass that moves a per-call transform may, one that changes the module may not).
 
     >>> import torch
     >>> from torch import nn
@@ -242,7 +245,7 @@ def walk_down(
             if entry is None or entry.maps is None or len(reader.inputs) != 1:
                 yield Reached(reader, value, path)
                 continue
-            if reader.module is not None and len(graph.calls_of(reader.module)) > 1:
+            if not through_shared and reader.module is not None and len(graph.calls_of(reader.module)) > 1:
                 yield Reached(reader, value, path, "shared")
                 continue
             if not graph.has_shapes and entry.without_shapes == "stop":

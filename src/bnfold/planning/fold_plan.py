@@ -153,6 +153,18 @@ class FoldPlan:
         """Chains of layers whose weight ranges were equalized (rows whose kind tallies as ``"equalized"``)."""
         return sum(1 for s in self.sites if self.kind(s).tally == "equalized")
 
+    def joined(self, other: FoldPlan) -> FoldPlan:
+        """This plan followed by ``other`` (a second round on the folded model), with the kinds of both."""
+        kinds = {**self.kinds, **other.kinds}
+        return FoldPlan(
+            self.model_type,
+            self.traced_with,
+            (*self.sites, *other.sites),
+            (*self.kept, *other.kept),
+            (*self.order, *other.order),
+            kinds,
+        )
+
     def decision(self, row: PlanRow) -> str:
         """What happened to ``row``, in one word: its kind's word ("folded", "merged"), or "kept"."""
         return self.kind(row).word if isinstance(row, FoldSite) else "kept"
