@@ -22,7 +22,7 @@ from ..apply.edits import EditLog
 from ..apply.surgery import apply_plan, undo_all
 from ..discover.graph import DataFlowGraph
 from ..discover.lineage import Lineage, LineageMode
-from ..discover.nested import detached_copy, iter_tensors
+from ..discover.nested import detached_copy, iter_tensors, map_tensors
 from ..discover.running import inference
 from ..discover.tracing import retrace_symbolic
 from ..errors import FoldError
@@ -90,15 +90,7 @@ def _float64_copy(model: nn.Module) -> nn.Module:
 
 
 def _to_float64(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(torch.float64) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to_float64(o) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_float64(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_float64(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(torch.float64) if t.is_floating_point() else t)
 
 
 def observe_float64(model: nn.Module, args: tuple[Any, ...], sources: bool) -> Observed:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor
@@ -36,15 +36,25 @@ def leaves(obj: Any, path: str = "output") -> list[tuple[str, Any]]:
     return [(path, obj)]
 
 
+def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``obj`` with every tensor inside nested tuples (named ones too), lists and dicts replaced by ``fn(t)``.
+
+    >>> import torch
+    >>> map_tensors((torch.ones(1), [2]), lambda t: t * 3)
+    (tensor([3.]), [2])
+    """
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(o, fn) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def detached_copy(obj: Any) -> Any:
     """A copy of nested tuples/lists/dicts with every tensor detached and cloned (models may change
     their inputs in place; the caller's tensors must not be touched)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(detached_copy(o) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(detached_copy(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: detached_copy(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.detach().clone())
