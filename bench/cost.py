@@ -1,4 +1,4 @@
-"""What a verified fold costs, in units of the model's own forward pass, and against issue 10's bound.
+"""What a verified fold costs, in units of the model's own forward pass, and against its bound.
 
     python bench/cost.py                     # the benchmark models; about 5 minutes on 2 cores
     python bench/cost.py tv/resnet50 ...     # some of them

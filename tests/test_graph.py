@@ -102,7 +102,7 @@ def _alias(kind: str, h: torch.Tensor) -> torch.Tensor:
 
 
 class WritesThroughAlias(nn.Module):
-    """The reproduction of issue 10, bug 1: ``h`` is changed in place after ``bn`` read it, so ``bn`` may not
+    """A write through an alias: ``h`` is changed in place after ``bn`` read it, so ``bn`` may not
     fold forward into ``fc1`` (which would then read the changed ``h``)."""
 
     def __init__(self, kind: str) -> None:
