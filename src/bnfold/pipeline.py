@@ -15,7 +15,7 @@ from torch import nn
 
 from .apply.edits import EditLog
 from .apply.equalization import chains_worth_it, measure_layers
-from .apply.surgery import apply_plan, copy_and_fold
+from .apply.surgery import apply_plan, folded_copy
 from .check.isolate import apply_until_it_runs
 from .check.strategy import Measured, choose_check, judge_run
 from .discover.graph import DataFlowGraph
@@ -70,8 +70,7 @@ def plan_model(
     )
     _warn_training(model, found, stacklevel + 1)
     if options.equalize and second_round:
-        target, log = copy_and_fold(model, found, options.rules)
-        found = found.joined(_second_plan(target, options))
+        found = found.joined(_second_plan(folded_copy(model, found, options.rules), options))
     return found, graph
 
 
